@@ -1,0 +1,3 @@
+from chatterbox_cli.cli import main
+
+main()
