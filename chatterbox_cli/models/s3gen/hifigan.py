@@ -1,0 +1,408 @@
+"""HiFT vocoder: mel [B, 80, T] at 50 frames/s -> 24 kHz waveform [B, T * 480].
+
+Neural-source-filter + iSTFT generator. An F0 predictor reads the mel; the F0 drives a harmonic sine
+source (plus noise) at the output rate; the mel is upsampled by transposed convolutions with
+Snake-activated residual blocks, the source's short-time spectrum is mixed in at every scale, and the
+network ends in a 16-point magnitude/phase spectrum that an inverse STFT (hop 4) turns into samples.
+
+Weight norm: the official checkpoint stores weight-normed convolutions as
+``<conv>.parametrizations.weight.original0`` (g) and ``.original1`` (v); older exports use
+``weight_g``/``weight_v``. We read either form and fold it into a plain weight at load time
+(w = g * v / ||v||, the norm taken per slice of dim 0), so inference runs plain convolutions.
+``state_dict()`` writes the official ``parametrizations`` form back out.
+
+Batches: rows are padded to one mel length. Every layer is a convolution or runs forward in time,
+so padding only changes the last frames of a shorter row (measured: at most 13 frames, mostly the last 4);
+pass ``lengths`` to zero the samples past each row's end. Pad mels with a silence value (log 1e-5).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_G_KEYS = ("parametrizations.weight.original0", "weight_g")
+_V_KEYS = ("parametrizations.weight.original1", "weight_v")
+
+
+@dataclass
+class HiFTConfig:
+    in_channels: int = 80
+    base_channels: int = 512
+    nb_harmonics: int = 8
+    sampling_rate: int = 24000
+    nsf_alpha: float = 0.1  # amplitude of the sine source
+    nsf_sigma: float = 0.003  # noise std on voiced samples
+    nsf_voiced_threshold: float = 10.0  # Hz; F0 above it counts as voiced
+    upsample_rates: tuple[int, ...] = (8, 5, 3)
+    upsample_kernel_sizes: tuple[int, ...] = (16, 11, 7)
+    istft_n_fft: int = 16
+    istft_hop: int = 4
+    resblock_kernel_sizes: tuple[int, ...] = (3, 7, 11)
+    resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    source_resblock_kernel_sizes: tuple[int, ...] = (7, 7, 11)
+    source_resblock_dilation_sizes: tuple[tuple[int, ...], ...] = ((1, 3, 5), (1, 3, 5), (1, 3, 5))
+    lrelu_slope: float = 0.1
+    audio_limit: float = 0.99
+    f0_channels: int = 512
+    f0_num_class: int = 1
+    f0_layers: int = 5
+
+    @classmethod
+    def english(cls) -> HiFTConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> HiFTConfig:
+        return cls(base_channels=32, f0_channels=16)
+
+    @property
+    def samples_per_frame(self) -> int:
+        return math.prod(self.upsample_rates) * self.istft_hop
+
+
+# ---------------------------------------------------------------------------------------------
+# weight norm, folded
+
+
+def _weight_norm_scale(v: torch.Tensor) -> torch.Tensor:
+    """||v|| over every dim but 0, shaped to broadcast against v."""
+    return torch.linalg.vector_norm(v, dim=tuple(range(1, v.dim())), keepdim=True)
+
+
+class _FoldedWeightNorm:
+    """Mixin for conv layers whose checkpoint weight is weight-normed (g, v) but which run on w."""
+
+    weight: nn.Parameter
+    bias: nn.Parameter | None
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+        for g_key, v_key in zip(_G_KEYS, _V_KEYS, strict=True):
+            g_name, v_name = prefix + g_key, prefix + v_key
+            if g_name in state_dict and v_name in state_dict:
+                g = state_dict.pop(g_name).to(torch.float32)
+                v = state_dict.pop(v_name).to(torch.float32)
+                state_dict[prefix + "weight"] = torch._weight_norm(v, g, 0)
+                break
+        super()._load_from_state_dict(  # type: ignore[misc]
+            state_dict, prefix, local_metadata, strict, missing, unexpected, errors
+        )
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        weight = self.weight if keep_vars else self.weight.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination[prefix + _G_KEYS[0]] = _weight_norm_scale(weight)
+        destination[prefix + _V_KEYS[0]] = weight
+
+
+class WNConv1d(_FoldedWeightNorm, nn.Conv1d):
+    pass
+
+
+class WNConvTranspose1d(_FoldedWeightNorm, nn.ConvTranspose1d):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Snake(nn.Module):
+    """x + sin^2(alpha x) / alpha, one alpha per channel."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alpha = self.alpha[None, :, None]
+        return x + (1.0 / (alpha + 1e-9)) * torch.sin(x * alpha).pow(2)
+
+
+class ResBlock(nn.Module):
+    """Pairs of (Snake, dilated conv, Snake, conv), each pair added back onto its input."""
+
+    def __init__(self, channels: int, kernel_size: int, dilations: tuple[int, ...]) -> None:
+        super().__init__()
+        self.convs1 = nn.ModuleList(
+            WNConv1d(channels, channels, kernel_size, dilation=d, padding=d * (kernel_size - 1) // 2)
+            for d in dilations
+        )
+        self.convs2 = nn.ModuleList(
+            WNConv1d(channels, channels, kernel_size, padding=(kernel_size - 1) // 2) for _ in dilations
+        )
+        self.activations1 = nn.ModuleList(Snake(channels) for _ in dilations)
+        self.activations2 = nn.ModuleList(Snake(channels) for _ in dilations)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for act1, conv1, act2, conv2 in zip(
+            self.activations1, self.convs1, self.activations2, self.convs2, strict=True
+        ):
+            x = x + conv2(act2(conv1(act1(x))))
+        return x
+
+
+class F0Predictor(nn.Module):
+    """Mel [B, 80, T] -> non-negative F0 in Hz [B, T]: stacked conv+ELU, then a per-frame linear map."""
+
+    def __init__(self, in_channels: int, channels: int, num_class: int = 1, layers: int = 5) -> None:
+        super().__init__()
+        stack: list[nn.Module] = []
+        for i in range(layers):
+            stack += [WNConv1d(in_channels if i == 0 else channels, channels, 3, padding=1), nn.ELU()]
+        self.condnet = nn.Sequential(*stack)
+        self.classifier = nn.Linear(channels, num_class)
+
+    def forward(self, mel: torch.Tensor) -> torch.Tensor:
+        h = self.condnet(mel).transpose(1, 2)
+        return self.classifier(h).squeeze(-1).abs()
+
+
+@dataclass
+class SourceNoise:
+    """The random inputs of the harmonic source, for a batch of B rows of `samples` output samples.
+
+    phase: [B, H+1, 1] initial phase of each harmonic, uniform in [-pi, pi) (the fundamental's is 0).
+    noise: [B, H+1, samples] standard normal; scaled by the voiced/unvoiced noise amplitude.
+    """
+
+    phase: torch.Tensor
+    noise: torch.Tensor
+
+
+def draw_source_noise(
+    batch: int,
+    harmonics: int,
+    samples: int,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> SourceNoise:
+    """Draw SourceNoise from `generator` (on the generator's device), then move it to `device`."""
+    gen_device = generator.device if generator is not None else torch.device(device or "cpu")
+    phase = torch.rand(batch, harmonics, 1, generator=generator, device=gen_device) * (2 * math.pi) - math.pi
+    phase[:, 0] = 0.0
+    noise = torch.randn(batch, harmonics, samples, generator=generator, device=gen_device)
+    target = torch.device(device) if device is not None else gen_device
+    return SourceNoise(phase.to(target), noise.to(target))
+
+
+class SourceModule(nn.Module):
+    """Harmonic-plus-noise excitation from a per-sample F0, merged to one channel by linear + tanh."""
+
+    def __init__(self, config: HiFTConfig) -> None:
+        super().__init__()
+        self.harmonics = config.nb_harmonics + 1
+        self.sampling_rate = config.sampling_rate
+        self.sine_amp = config.nsf_alpha
+        self.noise_std = config.nsf_sigma
+        self.voiced_threshold = config.nsf_voiced_threshold
+        self.l_linear = nn.Linear(self.harmonics, 1)
+
+    def forward(self, f0: torch.Tensor, noise: SourceNoise) -> torch.Tensor:
+        """f0 [B, 1, L] in Hz (float32) -> source [B, 1, L] in the layer's dtype."""
+        multiples = torch.arange(1, self.harmonics + 1, device=f0.device, dtype=f0.dtype)[None, :, None]
+        cycles = f0 * multiples / self.sampling_rate  # [B, H+1, L], cycles per sample
+        # fractional cycle count; the `% 1` keeps the sine argument small
+        theta = 2 * math.pi * (torch.cumsum(cycles, dim=-1) % 1)
+        sines = self.sine_amp * torch.sin(theta + noise.phase)
+        voiced = (f0 > self.voiced_threshold).to(f0.dtype)
+        noise_amp = voiced * self.noise_std + (1 - voiced) * self.sine_amp / 3
+        harmonics = sines * voiced + noise_amp * noise.noise
+        weight = self.l_linear.weight
+        merged = torch.tanh(self.l_linear(harmonics.transpose(1, 2).to(weight.dtype)))
+        return merged.transpose(1, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# generator
+
+
+class HiFTGenerator(nn.Module):
+    """State-dict keys equal the official ``mel2wav.*`` keys without the prefix."""
+
+    def __init__(self, config: HiFTConfig | None = None) -> None:
+        super().__init__()
+        cfg = config or HiFTConfig.english()
+        self.config = cfg
+        n_bins = cfg.istft_n_fft // 2 + 1
+        base = cfg.base_channels
+        self.m_source = SourceModule(cfg)
+        self.conv_pre = WNConv1d(cfg.in_channels, base, 7, padding=3)
+        self.ups = nn.ModuleList(
+            WNConvTranspose1d(base >> i, base >> (i + 1), k, u, padding=(k - u) // 2)
+            for i, (u, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes, strict=True))
+        )
+        # The source spectrum is brought down to each upsampling stage's rate: the stage after
+        # upsample i runs at prod(rates[: i + 1]) x the mel rate, the spectrum at prod(rates) x.
+        self.source_downs = nn.ModuleList()
+        self.source_resblocks = nn.ModuleList()
+        stages = len(cfg.upsample_rates)
+        for i in range(stages):
+            stride = math.prod(cfg.upsample_rates[i + 1 :])
+            out_ch = base >> (i + 1)
+            if stride == 1:
+                self.source_downs.append(nn.Conv1d(2 * n_bins, out_ch, 1))
+            else:
+                self.source_downs.append(
+                    nn.Conv1d(2 * n_bins, out_ch, 2 * stride, stride, padding=stride // 2)
+                )
+            self.source_resblocks.append(
+                ResBlock(out_ch, cfg.source_resblock_kernel_sizes[i], cfg.source_resblock_dilation_sizes[i])
+            )
+        self.resblocks = nn.ModuleList(
+            ResBlock(base >> (i + 1), k, d)
+            for i in range(stages)
+            for k, d in zip(cfg.resblock_kernel_sizes, cfg.resblock_dilation_sizes, strict=True)
+        )
+        self.conv_post = WNConv1d(base >> stages, 2 * n_bins, 7, padding=3)
+        self.f0_predictor = F0Predictor(cfg.in_channels, cfg.f0_channels, cfg.f0_num_class, cfg.f0_layers)
+        window = torch.hann_window(cfg.istft_n_fft, periodic=True, dtype=torch.float64).to(torch.float32)
+        self.register_buffer("stft_window", window, persistent=False)
+
+    def to_inference_dtype(self, dtype: torch.dtype) -> HiFTGenerator:
+        """Cast the upsampling network to `dtype`; keep the F0 predictor and source in float32.
+
+        F0 is integrated into the source phase over every output sample: a 16-bit F0 predictor moves
+        F0 by ~0.2 Hz, which drifts the phase of the whole excitation (the waveform then differs by
+        up to ~0.15 from the fp32 one while sounding the same). The float32 part is ~4 M parameters.
+        """
+        for name, child in self.named_children():
+            if name not in ("f0_predictor", "m_source"):
+                child.to(dtype)
+        return self
+
+    # --- pieces -------------------------------------------------------------------------------
+
+    def predict_f0(self, mel: torch.Tensor) -> torch.Tensor:
+        """F0 in Hz [B, T] (float32) for mel [B, 80, T]."""
+        return self.f0_predictor(mel.to(self.f0_predictor.classifier.weight.dtype)).to(torch.float32)
+
+    def source(
+        self,
+        f0: torch.Tensor,
+        generator: torch.Generator | None = None,
+        noise: SourceNoise | None = None,
+    ) -> torch.Tensor:
+        """Excitation [B, 1, T * samples_per_frame] from frame-rate F0 [B, T]; computed in float32."""
+        f0_samples = f0.to(torch.float32).repeat_interleave(self.config.samples_per_frame, dim=-1)[:, None]
+        if noise is None:
+            noise = draw_source_noise(
+                f0.shape[0], self.m_source.harmonics, f0_samples.shape[-1], generator, f0.device
+            )
+        return self.m_source(f0_samples, noise)
+
+    def _stft(self, x: torch.Tensor) -> torch.Tensor:
+        n_fft, hop = self.config.istft_n_fft, self.config.istft_hop
+        spec = torch.stft(
+            x.to(torch.float32), n_fft, hop, n_fft, window=self.stft_window, return_complex=True
+        )
+        return torch.cat([spec.real, spec.imag], dim=1)
+
+    def _istft(self, log_magnitude: torch.Tensor, phase_logit: torch.Tensor) -> torch.Tensor:
+        n_fft, hop = self.config.istft_n_fft, self.config.istft_hop
+        magnitude = torch.exp(log_magnitude.to(torch.float32)).clamp(max=1e2)
+        phase = torch.sin(phase_logit.to(torch.float32))
+        spec = torch.polar(magnitude, phase)
+        return torch.istft(spec, n_fft, hop, n_fft, window=self.stft_window)
+
+    def decode(self, mel: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+        """Waveform [B, T * samples_per_frame] from mel [B, 80, T] and excitation [B, 1, samples]."""
+        cfg = self.config
+        dtype = self.conv_pre.weight.dtype
+        source_spec = self._stft(source.squeeze(1)).to(dtype)
+        x = self.conv_pre(mel.to(dtype))
+        kernels = len(cfg.resblock_kernel_sizes)
+        for i, up in enumerate(self.ups):
+            x = up(F.leaky_relu(x, cfg.lrelu_slope))
+            if i == len(self.ups) - 1:
+                x = F.pad(x, (1, 0), mode="reflect")
+            x = x + self.source_resblocks[i](self.source_downs[i](source_spec))
+            blocks = self.resblocks[i * kernels : (i + 1) * kernels]
+            x = sum(block(x) for block in blocks) / kernels
+        x = self.conv_post(F.leaky_relu(x))
+        n_bins = cfg.istft_n_fft // 2 + 1
+        wav = self._istft(x[:, :n_bins], x[:, n_bins:])
+        return wav.clamp(-cfg.audio_limit, cfg.audio_limit)
+
+    # --- entry points -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def inference(
+        self,
+        speech_feat: torch.Tensor,
+        cache_source: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        noise: SourceNoise | None = None,
+        lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """mel [B, 80, T] -> (waveform [B, T * 480] float32, source [B, 1, T * 480] float32).
+
+        cache_source [B, 1, n]: overwrites the first n source samples (streaming continuity).
+        generator / noise: where the source's random phase and noise come from (noise wins).
+        lengths [B]: valid mel frames per row; samples past a row's end are set to zero.
+        """
+        f0 = self.predict_f0(speech_feat)
+        source = self.source(f0, generator=generator, noise=noise)
+        if cache_source is not None and cache_source.shape[-1] > 0:
+            source[:, :, : cache_source.shape[-1]] = cache_source.to(source.dtype)
+        wav = self.decode(speech_feat, source).to(torch.float32)
+        if lengths is not None:
+            ends = lengths.to(wav.device)[:, None] * self.config.samples_per_frame
+            wav = wav.masked_fill(torch.arange(wav.shape[-1], device=wav.device)[None, :] >= ends, 0.0)
+        return wav, source.to(torch.float32)
+
+    def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.inference(mel, generator=generator)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# random weights for tests
+
+
+def _name_seed(seed: int, name: str) -> int:
+    return zlib.crc32(f"{seed}:{name}".encode())
+
+
+def _weight_gain(name: str) -> float:
+    """Target L2 norm of each output slice of a weight-normed conv (about the output/input std ratio)."""
+    if "resblocks" in name:
+        return 0.3  # residual branches stay small so the stacks do not blow up
+    if name.startswith("conv_post"):
+        return 0.5
+    return 1.0
+
+
+def random_state_dict(config: HiFTConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Seeded fp32 weights under the official key names (weight norm as parametrizations g/v).
+
+    Each tensor has its own generator seeded from (seed, name), so adding a tensor changes no other.
+    F0 comes out around 40 +- 150 Hz on speech-like mels, so both voiced and unvoiced samples occur.
+    """
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in HiFTGenerator(config).state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    for name, shape in shapes.items():
+        gen = torch.Generator().manual_seed(_name_seed(seed, name))
+        randn = torch.randn(shape, generator=gen)
+        if name.endswith(_G_KEYS[0]):
+            t = _weight_gain(name) * torch.exp(0.1 * randn)
+        elif name.endswith(_V_KEYS[0]):
+            t = randn
+        elif name.endswith(".alpha"):
+            t = torch.exp(0.2 * randn)
+        elif name == "f0_predictor.classifier.weight":
+            t = randn * (100.0 / math.sqrt(shape[-1]))
+        elif name == "f0_predictor.classifier.bias":
+            t = 40.0 + randn
+        elif name.endswith(".weight"):
+            t = randn / math.sqrt(math.prod(shape[1:]))
+        else:  # biases
+            t = 0.02 * randn
+        out[name] = t.contiguous()
+    return out
