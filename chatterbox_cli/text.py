@@ -1,0 +1,398 @@
+"""Text in: reading input files, the reference's punctuation clean-up, and cutting text into chunks.
+
+The pipeline calls, in order: `read_text_file` (or `decode_text` for stdin bytes), `strip_unspeakable`
+with the tokenizer's character set, then `chunk_text` (or `split_items` first for batch conversion),
+then `normalize` on each chunk right before tokenising it. `chunk_text` keeps the user's wording (only
+whitespace is collapsed) so manifests show what was asked for; its token bound is checked on the
+normalized form of every chunk, which is what T3 actually sees.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import os
+import re
+import unicodedata
+from collections.abc import Callable, Iterable
+from typing import Literal
+
+from chatterbox_cli.errors import UsageError
+
+TokenCounter = Callable[[str], int]
+
+# Chunks are meant to be about one sentence: ~150 text tokens is ~230 characters of English, ~15 s of
+# speech, well below the 1,000 speech tokens (40 s) T3 may generate per chunk.
+DEFAULT_MAX_TOKENS = 150
+# Sentences shorter than this are joined with their neighbours ("Yes. No." alone makes poor prompts).
+DEFAULT_PACK_TOKENS = 60
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation (must equal the reference's punc_norm byte for byte; see tests/test_text.py)
+
+_NO_TEXT_SENTENCE = "You need to add some text for me to talk."
+
+# Applied in this order; later rules see the output of earlier ones.
+_PUNCTUATION_REWRITES: tuple[tuple[str, str], ...] = (
+    ("...", ", "),
+    ("\u2026", ", "),
+    (":", ","),
+    (" - ", ", "),
+    (";", ", "),
+    ("\u2014", "-"),
+    ("\u2013", "-"),
+    (" ,", ","),
+    ("\u201c", '"'),
+    ("\u201d", '"'),
+    ("\u2018", "'"),
+    ("\u2019", "'"),
+)
+_ACCEPTED_ENDINGS = (".", "!", "?", "-", ",")
+
+
+def normalize(text: str) -> str:
+    """The reference's punctuation clean-up, applied to one chunk right before tokenisation.
+
+    Note the reference's quirks, kept for parity: an empty string becomes a fixed English sentence,
+    and only a lower-case *first character* is capitalised (before leading spaces are removed).
+    """
+    if not text:
+        return _NO_TEXT_SENTENCE
+    if text[0].islower():
+        text = text[0].upper() + text[1:]
+    text = " ".join(text.split())
+    for old, new in _PUNCTUATION_REWRITES:
+        text = text.replace(old, new)
+    text = text.rstrip(" ")
+    if not text.endswith(_ACCEPTED_ENDINGS):
+        text = text + "."
+    return text
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading input
+
+# C0 controls other than tab/newline/vertical tab/form feed/carriage return, and DEL.
+_CONTROL_CHARS = re.compile(r"[\x01-\x08\x0e-\x1f\x7f]")
+
+
+def decode_text(data: bytes, source: str) -> str:
+    """Bytes of a text file (or stdin) to str. UTF-8 with or without BOM, UTF-16 with BOM; any line ends.
+
+    Raises UsageError naming `source` when the bytes are not text.
+    """
+    if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        try:
+            text = data.decode("utf-16")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{source} starts like UTF-16 text but cannot be decoded ({exc.reason}); "
+                "save it as UTF-8 text"
+            ) from exc
+    else:
+        if b"\x00" in data:
+            raise UsageError(f"{source} is not a text file (it contains binary data); give a UTF-8 text file")
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise UsageError(
+                f"{source} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                f"convert it, e.g. `iconv -f latin1 -t utf-8 {source} > converted.txt`"
+            ) from exc
+    controls = len(_CONTROL_CHARS.findall(text))
+    if controls and controls > len(text) // 100:
+        raise UsageError(
+            f"{source} is not a text file ({controls} control characters); give a UTF-8 text file"
+        )
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def read_text_file(path: str | os.PathLike[str]) -> str:
+    """Read a UTF-8 text file for speaking (see `decode_text`); every failure is a UsageError."""
+    name = os.fspath(path)
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError as exc:
+        raise UsageError(f"{name} does not exist; check the path given to --input") from exc
+    except IsADirectoryError as exc:
+        raise UsageError(f"{name} is a folder; give a text file to --input") from exc
+    except OSError as exc:
+        raise UsageError(
+            f"{name} cannot be read ({exc.strerror or exc}); check its permissions and path"
+        ) from exc
+    return decode_text(data, name)
+
+
+def split_items(text: str, mode: Literal["lines", "paragraphs"]) -> list[str]:
+    """Items for batch conversion: one per non-blank line, or one per blank-line-separated paragraph.
+
+    Whitespace inside an item is collapsed to single spaces.
+    """
+    if mode == "lines":
+        blocks: Iterable[str] = text.splitlines()
+    elif mode == "paragraphs":
+        blocks = re.split(r"\n[ \t\f\v]*\n", text.replace("\r\n", "\n").replace("\r", "\n"))
+    else:
+        raise ValueError(f"unknown split mode {mode!r}; expected 'lines' or 'paragraphs'")
+    items = [" ".join(block.split()) for block in blocks]
+    items = [item for item in items if item]
+    if not items:
+        raise UsageError(f"no text to speak: the input has no non-blank {mode}; give some text")
+    return items
+
+
+def chars_in_vocab(vocab: Iterable[str]) -> Callable[[str], bool]:
+    """An `allowed` predicate for `strip_unspeakable`: characters that are single tokens of `vocab`."""
+    singles = frozenset(token for token in vocab if len(token) == 1)
+    return singles.__contains__
+
+
+def strip_unspeakable(text: str, allowed: Callable[[str], bool]) -> tuple[str, list[str]]:
+    """Remove characters the tokenizer cannot encode; return the kept text and what was dropped.
+
+    The text is NFC-composed first (a decomposed "é" becomes the single character the vocabulary has).
+    Whitespace is kept. A run of dropped visible characters becomes one space ("a 😀 b" -> "a b", and
+    "a😀b" stays two words), or nothing before punctuation and at line edges; invisible ones (joiners,
+    variation selectors, combining marks) vanish and are not reported.
+    Dropped characters are listed once each, in order of first appearance.
+    """
+    text = unicodedata.normalize("NFC", text)
+    replacement: dict[str, str] = {}
+    dropped: list[str] = []
+    for char in dict.fromkeys(text):
+        if char != "\x00" and (char.isspace() or allowed(char)):
+            continue
+        if char == "\x00" or unicodedata.category(char) in ("Mn", "Me", "Cf"):
+            replacement[char] = ""
+        else:
+            replacement[char] = "\x00"
+            dropped.append(char)
+    if not replacement:
+        return text, []
+    kept = "".join(replacement.get(char, char) for char in text)
+    # Each run of dropped characters (with the blanks around it) becomes one space, or nothing next to
+    # punctuation and line edges.
+    kept = _DROPPED_RUN.sub("\x00", kept)
+    kept = _DROPPED_AT_EDGE.sub("", kept)
+    return kept.replace("\x00", " "), dropped
+
+
+_DROPPED_RUN = re.compile(r"[ \t]*\x00[\x00 \t]*")
+_DROPPED_AT_EDGE = re.compile(r"\x00(?=[.,!?;:)\]\"'\n]|$)|(?:^|(?<=\n))\x00")
+
+
+# --------------------------------------------------------------------------------------------------
+# Token estimate
+
+_NOT_LOWER_ASCII = re.compile(r"[^a-z]+")
+# Measured on English prose with the official 704-token BPE: lower-case letters average ~1.8 per token,
+# everything else (spaces, capitals, digits, punctuation) is nearly always one token each. This
+# over-counts real token counts by ~5 % (median; 1st percentile 0.91x, 99th 1.2x per sentence).
+_LOWER_CHARS_PER_TOKEN = 1.8
+
+
+def estimate_tokens(text: str) -> int:
+    """Cheap, tokenizer-free estimate of the number of text tokens in `text`."""
+    lower = len(_NOT_LOWER_ASCII.sub("", text))
+    return (len(text) - lower) + math.ceil(lower / _LOWER_CHARS_PER_TOKEN)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sentence splitting
+
+
+def _word_set(words: str) -> frozenset[str]:
+    return frozenset(words.split())
+
+
+# Always an abbreviation when followed by a period (titles and Latin shorthand).
+_NEVER_FINAL = _word_set(
+    "mr mrs ms mx dr prof sr jr st gen col capt cpt lt sgt cmdr adm rev hon gov sen rep pres supt insp "
+    "mt messrs mme mlle e.g i.e cf viz vs approx ca al"
+)
+# Abbreviations that take a number after them ("No. 5", "p. 12", "Fig. 3").
+_BEFORE_NUMBER = _word_set("no nos p pp fig figs vol vols ch sec art op ed eq eqs")
+# May end a sentence; we split after them only if the next word usually starts one.
+_AMBIGUOUS = _word_set(
+    "etc inc ltd co corp bros dept est jan feb mar apr jun jul aug sep sept oct nov dec "
+    "mon tue wed thu fri sat sun"
+)
+_SENTENCE_STARTERS = _word_set(
+    "the a an i he she it we they you this that these those there then but so yet however "
+    "my our his her their its in on at after before when if what why how who"
+)
+_DOTTED_ACRONYM = re.compile(r"(?:[A-Za-z]\.)+[A-Za-z]")
+_SENTENCE_END = re.compile(r"(?:[.!?\u2026]+)[\"'\u201d\u2019)\]]*(?= )")
+_LEADING_PUNCT = "\"'(\u201c\u2018["
+
+
+def _next_word(text: str, start: int) -> str:
+    end = text.find(" ", start)
+    return text[start : end if end >= 0 else len(text)].lstrip(_LEADING_PUNCT)
+
+
+def _ends_sentence(text: str, match: re.Match[str]) -> bool:
+    """Decide whether the punctuation run in `match` (followed by a space) closes a sentence."""
+    follower = _next_word(text, match.end() + 1)
+    if not follower or follower[0].islower():
+        return False
+    marks = match.group().rstrip("\"'\u201d\u2019)]")
+    if marks != ".":
+        return True  # ! ? ellipsis, or runs like "?!" followed by a non-lower-case word
+    word_start = text.rfind(" ", 0, match.start()) + 1
+    word = text[word_start : match.start()].lstrip(_LEADING_PUNCT)
+    lowered = word.lower()
+    if lowered in _NEVER_FINAL:
+        return False
+    if lowered in _BEFORE_NUMBER and follower[0].isdigit():
+        return False
+    starts_sentence = follower.rstrip(",;:").lower() in _SENTENCE_STARTERS
+    if lowered in _AMBIGUOUS:
+        return starts_sentence
+    if len(word) == 1 and word.isupper():
+        return False  # an initial: "J. Smith"
+    if _DOTTED_ACRONYM.fullmatch(word):
+        return starts_sentence  # "U.S." / "a.m." end a sentence only before a typical first word
+    return True
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """Sentences of one paragraph whose whitespace is already collapsed to single spaces."""
+    sentences: list[str] = []
+    start = 0
+    for match in _SENTENCE_END.finditer(paragraph):
+        if _ends_sentence(paragraph, match):
+            sentences.append(paragraph[start : match.end()])
+            start = match.end() + 1
+    if start < len(paragraph):
+        sentences.append(paragraph[start:])
+    return [s for s in sentences if s]
+
+
+# --------------------------------------------------------------------------------------------------
+# Cutting over-long sentences
+
+_STRONG_BREAK = re.compile(r"[;:](?= )| (?:-|--|\u2013|\u2014)(?= )|[\u2014\u2013](?=\S)")
+_COMMA_BREAK = re.compile(r"[,)](?= )")
+_CONJUNCTION_BREAK = re.compile(
+    r" (?=(?:and|but|or|nor|so|yet|because|although|though|while|whereas|which|who|whom|whose|where|"
+    r"when|if|unless|until|since|after|before|then|that|as|with|without)\b)",
+    re.IGNORECASE,
+)
+_SPACE = re.compile(r" ")
+
+
+def _cut_positions(pattern: re.Pattern[str], text: str) -> list[int]:
+    """Offsets at which `text` may be cut: the end of each match (the cut keeps punctuation left)."""
+    return [m.end() for m in pattern.finditer(text) if 0 < m.end() < len(text)]
+
+
+def _hard_cut(text: str, max_tokens: int, count: TokenCounter) -> list[str]:
+    """Cut text with no usable break into the longest pieces that fit, by binary search on length."""
+    pieces: list[str] = []
+    while text:
+        if count(text) <= max_tokens:
+            pieces.append(text)
+            break
+        lo, hi = 1, len(text) - 1  # lo always fits (guaranteed by the max_tokens floor in chunk_text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if count(text[:mid]) <= max_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        pieces.append(text[:lo])
+        text = text[lo:].lstrip(" ")
+    return pieces
+
+
+def _split_long(sentence: str, max_tokens: int, count: TokenCounter) -> list[str]:
+    """Cut a sentence that is over the bound, preferring clause breaks near its middle."""
+    if count(sentence) <= max_tokens:
+        return [sentence]
+    length = len(sentence)
+    middle = length / 2
+    low, high = 0.2 * length, 0.8 * length
+    cut = None
+    for pattern in (_STRONG_BREAK, _COMMA_BREAK, _CONJUNCTION_BREAK, _SPACE):
+        central = [p for p in _cut_positions(pattern, sentence) if low <= p <= high]
+        if central:
+            cut = min(central, key=lambda p: abs(p - middle))
+            break
+    if cut is None:
+        spaces = _cut_positions(_SPACE, sentence)
+        if not spaces:
+            return _hard_cut(sentence, max_tokens, count)
+        cut = min(spaces, key=lambda p: abs(p - middle))
+    left, right = sentence[:cut].strip(), sentence[cut:].strip()
+    if not left or not right:
+        return _hard_cut(sentence, max_tokens, count)
+    return _split_long(left, max_tokens, count) + _split_long(right, max_tokens, count)
+
+
+# --------------------------------------------------------------------------------------------------
+# Chunking
+
+
+def _has_word(text: str) -> bool:
+    return any(char.isalnum() for char in text)
+
+
+def chunk_text(
+    text: str,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    count_tokens: TokenCounter | None = None,
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
+) -> list[str]:
+    """Cut text into sentence-sized chunks for T3.
+
+    Every chunk `c` satisfies `count_tokens(normalize(c)) <= max_tokens`; `count_tokens` defaults to
+    `estimate_tokens` (pass the real tokenizer's counter for an exact bound). Sentences end at . ! ?
+    and ellipses, not after abbreviations, initials, decimals or an ellipsis continued in lower case.
+    Consecutive sentences of one paragraph are joined while the join stays within `pack_tokens`.
+    Longer-than-bound sentences are cut at ; : dashes, then commas, then before conjunctions, then
+    between words; a word longer than the bound is cut hard. Raises UsageError when there is nothing
+    to speak.
+    """
+    if max_tokens < 8:
+        raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
+    base = count_tokens or estimate_tokens
+
+    def count(piece: str) -> int:
+        return base(normalize(piece))
+
+    paragraphs = [" ".join(p.split()) for p in re.split(r"\n[ \t\f\v]*\n", text)]
+    chunks: list[str] = []
+    for paragraph in paragraphs:
+        if not paragraph:
+            continue
+        pieces: list[str] = []
+        for sentence in split_sentences(paragraph):
+            pieces.extend(_split_long(sentence, max_tokens, count))
+        chunks.extend(_pack(pieces, max_tokens, min(pack_tokens, max_tokens), count))
+    if not chunks:
+        raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
+    if not any(_has_word(chunk) for chunk in chunks):
+        raise UsageError("no text to speak: the text has no letters or digits; give some words")
+    return chunks
+
+
+def _pack(pieces: list[str], max_tokens: int, pack_tokens: int, count: TokenCounter) -> list[str]:
+    """Join short neighbours; pieces without any letter or digit always join a neighbour if they fit."""
+    packed: list[str] = []
+    for piece in pieces:
+        if packed:
+            joined = packed[-1] + " " + piece
+            limit = max_tokens if not (_has_word(piece) and _has_word(packed[-1])) else pack_tokens
+            if count(joined) <= limit:
+                packed[-1] = joined
+                continue
+        packed.append(piece)
+    # A leading punctuation-only piece ("... Well then.") joins the piece after it.
+    if len(packed) > 1 and not _has_word(packed[0]):
+        joined = packed[0] + " " + packed[1]
+        if count(joined) <= max_tokens:
+            packed[:2] = [joined]
+    return packed
