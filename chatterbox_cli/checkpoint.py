@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from chatterbox_cli.errors import CheckpointError
+from chatterbox_cli.errors import ChatterboxError, CheckpointError, UsageError
 
 # Bytes per element of each safetensors dtype.
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -57,3 +73,280 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
             f"{path} is not a valid .safetensors file ({e}); delete it and download the checkpoint again"
         ) from e
     return infos
+
+
+DEFAULT_REPO = "ResembleAI/chatterbox"
+REQUIRED_FILES = ("t3_cfg.safetensors", "s3gen.safetensors", "ve.safetensors", "tokenizer.json", "conds.pt")
+
+CheckpointSource = Literal["local", "hub-cache", "download"]
+
+# A hub repo id is "name" or "namespace/name" (letters, digits, "-", "_", ".").
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    folder: Path
+    source: CheckpointSource
+    repo_id: str | None = None
+    revision: str | None = None  # the commit hash for hub checkpoints, where known
+
+    def path(self, name: str) -> Path:
+        return self.folder / name
+
+
+def looks_like_path(model: str) -> bool:
+    """True when `model` can only be meant as a folder, not as a hub repo id."""
+    return (
+        model.startswith(("/", "./", "../", "~", ".\\"))
+        or model in (".", "..")
+        or "\\" in model
+        or model.endswith("/")
+        or not _REPO_ID.match(model)
+    )
+
+
+def hub_cache_dir() -> Path:
+    """The hub cache folder, read from the environment now (same precedence as huggingface_hub)."""
+    env = os.environ
+    if env.get("HF_HUB_CACHE"):
+        raw = env["HF_HUB_CACHE"]
+    elif env.get("HUGGINGFACE_HUB_CACHE"):
+        raw = env["HUGGINGFACE_HUB_CACHE"]
+    else:
+        home = env.get("HF_HOME") or os.path.join(
+            env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "huggingface"
+        )
+        raw = os.path.join(home, "hub")
+    return Path(os.path.expandvars(os.path.expanduser(raw)))
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE (or TRANSFORMERS_OFFLINE) as the environment says it now."""
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE")
+    if value is None:
+        return bool(constants.HF_HUB_OFFLINE)
+    return value.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def download_command(
+    repo_id: str,
+    revision: str | None = None,
+    files: tuple[str, ...] = REQUIRED_FILES,
+    local_dir: Path | None = None,
+    force: bool = False,
+) -> str:
+    """The shell command that fetches `files` of `repo_id` (into the hub cache, or into `local_dir`)."""
+    # huggingface_hub >= 0.34 ships the `hf` CLI; older releases only `huggingface-cli`.
+    cli = "hf" if importlib.util.find_spec("huggingface_hub.cli.hf") is not None else "huggingface-cli"
+    cmd = f"{cli} download {repo_id} {' '.join(files)}"
+    if revision:
+        cmd += f" --revision {revision}"
+    if local_dir is not None:
+        cmd += f" --local-dir {local_dir}"
+    if force:
+        cmd += " --force-download"
+    return cmd
+
+
+def _how_to_get(
+    repo_id: str,
+    revision: str | None,
+    files: tuple[str, ...],
+    local_dir: Path | None = None,
+    force: bool = False,
+) -> str:
+    where = f"into {local_dir}" if local_dir is not None else f"into the hub cache at {hub_cache_dir()}"
+    return (
+        f"Get them with `{download_command(repo_id, revision, files, local_dir, force)}` ({where}; needs "
+        f"network access), or pass --model /path/to/folder holding {', '.join(REQUIRED_FILES)}."
+    )
+
+
+def _missing_files(folder: Path) -> tuple[str, ...]:
+    return tuple(name for name in REQUIRED_FILES if not (folder / name).is_file())
+
+
+def _resolve_local(model: str) -> Checkpoint:
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "does not exist"
+        raise CheckpointError(
+            f"--model {model}: {folder} {what}. Pass a folder holding {', '.join(REQUIRED_FILES)}, "
+            f"or a model hub repo id such as {DEFAULT_REPO}."
+        )
+    missing = _missing_files(folder)
+    if missing:
+        raise CheckpointError(
+            f"checkpoint folder {folder} lacks {', '.join(missing)}. "
+            + _how_to_get(DEFAULT_REPO, None, missing, local_dir=folder)
+        )
+    return Checkpoint(folder=folder.resolve(), source="local")
+
+
+def _from_cache(
+    repo_id: str, revision: str | None, cache_dir: Path
+) -> tuple[Checkpoint | None, tuple[str, ...]]:
+    """The cached snapshot holding every required file, or None and the files the cache lacks."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found: dict[str, Path] = {}
+    for name in REQUIRED_FILES:
+        hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
+        if isinstance(hit, str) and Path(hit).is_file():
+            found[name] = Path(hit)
+    missing = tuple(n for n in REQUIRED_FILES if n not in found)
+    folders = {p.parent for p in found.values()}
+    if missing or len(folders) != 1:
+        return None, missing or REQUIRED_FILES
+    folder = folders.pop()
+    return Checkpoint(folder=folder, source="hub-cache", repo_id=repo_id, revision=folder.name), ()
+
+
+def _download(repo_id: str, revision: str | None, cache_dir: Path, progress: bool) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    silence = not progress and not are_progress_bars_disabled()
+    if silence:
+        disable_progress_bars()
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(REQUIRED_FILES)
+            )
+        )
+    finally:
+        if silence:
+            enable_progress_bars()
+
+
+def resolve_checkpoint(
+    model: str = DEFAULT_REPO,
+    revision: str | None = None,
+    allow_download: bool = True,
+    progress: bool = True,
+) -> Checkpoint:
+    """Find the checkpoint `model` names: an existing folder, else a hub repo in the cache, else a download.
+
+    Raises CheckpointError (exit code 3) naming what is missing and the command that gets it.
+    """
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+
+    if Path(model).expanduser().is_dir() or looks_like_path(model):
+        if revision is not None and Path(model).expanduser().is_dir():
+            raise UsageError(f"--revision {revision} applies to hub repos, not to the folder {model}")
+        return _resolve_local(model)
+
+    repo_id = model
+    cache_dir = hub_cache_dir()
+    try:
+        checkpoint, missing = _from_cache(repo_id, revision, cache_dir)
+    except HFValidationError as e:
+        raise CheckpointError(
+            f"--model {model}: no such folder, and not a valid model hub repo id ({e}). Pass a folder "
+            f"holding {', '.join(REQUIRED_FILES)}, or a repo id such as {DEFAULT_REPO}."
+        ) from e
+    if checkpoint is not None:
+        return checkpoint
+
+    rev = f" (revision {revision})" if revision else ""
+    partial = "" if len(missing) == len(REQUIRED_FILES) else f" (missing: {', '.join(missing)})"
+    not_cached = f"{repo_id}{rev} is not in the hub cache at {cache_dir}{partial}"
+    if model != DEFAULT_REPO and "/" in model:
+        not_cached += f", and there is no folder {model}"
+    if not allow_download:
+        raise CheckpointError(
+            f"{not_cached}; downloading was not allowed. " + _how_to_get(repo_id, revision, missing)
+        )
+    if hub_offline():
+        raise CheckpointError(
+            f"{not_cached}, and HF_HUB_OFFLINE is set, so it cannot be downloaded (unset HF_HUB_OFFLINE to "
+            "allow that). " + _how_to_get(repo_id, revision, missing)
+        )
+    try:
+        folder = _download(repo_id, revision, cache_dir, progress)
+    except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
+        raise CheckpointError(
+            f"{not_cached}, and downloading it failed: {type(e).__name__}: {e}\n"
+            + _how_to_get(repo_id, revision, missing)
+        ) from e
+    except OSError as e:
+        raise ChatterboxError(
+            f"could not write {repo_id} into the hub cache at {cache_dir}: {e}. Free disk space or point "
+            "HF_HUB_CACHE at a folder with room."
+        ) from e
+    still_missing = _missing_files(folder)
+    if still_missing:
+        raise CheckpointError(
+            f"{repo_id}{rev} was downloaded to {folder} but lacks {', '.join(still_missing)}: it is not a "
+            f"Chatterbox checkpoint. Pass --model {DEFAULT_REPO} or a folder holding "
+            f"{', '.join(REQUIRED_FILES)}."
+        )
+    return Checkpoint(folder=folder, source="download", repo_id=repo_id, revision=folder.name)
+
+
+def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
+    """Check every required file is present and well-formed, without loading weights.
+
+    Returns the parsed header of each .safetensors file. Raises CheckpointError listing every problem.
+    """
+    problems: list[str] = []
+    bad: list[str] = []
+    headers: dict[str, dict[str, TensorInfo]] = {}
+    first_cause: BaseException | None = None
+    for name in REQUIRED_FILES:
+        p = checkpoint.path(name)
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+            bad.append(name)
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                headers[name] = safetensors_header(p)
+                if not headers[name]:
+                    raise CheckpointError(f"{p} holds no tensors")
+            elif name == "tokenizer.json":
+                _check_tokenizer_json(p)
+            elif name == "conds.pt":
+                _check_torch_zip(p)
+        except CheckpointError as e:
+            problems.append(str(e))
+            bad.append(name)
+            first_cause = first_cause or e
+    if problems:
+        where = checkpoint.repo_id or str(checkpoint.folder)
+        fix = (
+            _how_to_get(checkpoint.repo_id, checkpoint.revision, tuple(bad), force=True)
+            if checkpoint.repo_id
+            else _how_to_get(DEFAULT_REPO, None, tuple(bad), local_dir=checkpoint.folder, force=True)
+        )
+        raise CheckpointError(
+            f"checkpoint {where} ({checkpoint.folder}) is not usable:\n  - "
+            + "\n  - ".join(problems)
+            + "\n"
+            + fix
+        ) from first_cause
+    return headers
+
+
+def _check_tokenizer_json(path: Path) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or "model" not in data:
+        raise CheckpointError(f'{path} is JSON but not a tokenizers file (no "model" key)')
+
+
+def _check_torch_zip(path: Path) -> None:
+    # torch.save writes a zip archive with <name>/data.pkl; its pickle is not opened here.
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    except (OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{path} is not a torch.save archive ({e})") from e
+    if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
+        raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")

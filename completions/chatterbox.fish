@@ -1,0 +1,1 @@
+complete --command chatterbox --no-files --arguments "(env _CHATTERBOX_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) chatterbox)" --condition "env _CHATTERBOX_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) chatterbox"
