@@ -1,0 +1,389 @@
+"""The one model-loading service: probe → estimate → choose → load, and the OOM step-down.
+
+Every command goes through here: `probe-vram` and `estimate` call `decide` (no weights read),
+`synthesize` calls `load`, `voice` and `speak`. Each decision comes with a one-line reason that the CLI
+prints as it is.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+# NVML numbers GPUs in PCI bus order; make CUDA agree before anything initialises it.
+os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+
+import torch  # noqa: E402
+
+from chatterbox_cli import estimate, presets, vram  # noqa: E402
+from chatterbox_cli.checkpoint import DEFAULT_REPO, Checkpoint, resolve_checkpoint, validate  # noqa: E402
+from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError  # noqa: E402
+
+if TYPE_CHECKING:
+    from chatterbox_cli.models.conds import Conditionals
+    from chatterbox_cli.models.s3gen import S3Gen
+    from chatterbox_cli.models.t3 import T3
+    from chatterbox_cli.models.tokenizer import EnTokenizer
+    from chatterbox_cli.pipeline import AudioChunk, SynthesisSettings
+    from chatterbox_cli.quantize import QuantReport
+
+Notify = Callable[[str], None]
+
+CPU_PRESET = "fp32"  # what runs on the CPU when no preset is forced: the checkpoint's own precision
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    model: str = DEFAULT_REPO
+    revision: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    preset: str = "auto"  # auto | fp16 | bnb-8bit | bnb-4bit
+    plan: str | None = None  # per-component overrides, e.g. "t3=nf4,flow=int8"
+    max_tokens: int = 1000
+    batch: int = 1
+    cfg_weight: float = 0.5
+    allow_download: bool = True
+    fallback: bool = True
+
+
+@dataclass
+class Decision:
+    device: torch.device
+    preset: str
+    dtype: torch.dtype
+    reason: str
+    free_bytes: int | None
+    report: estimate.EstimateReport | None
+
+
+@dataclass
+class LoadedModel:
+    checkpoint: Checkpoint
+    decision: Decision
+    t3: T3
+    s3gen: S3Gen  # flow + mel2wav; the voice-preparation parts are loaded only when needed
+    tokenizer: EnTokenizer
+    builtin_voice: Conditionals | None
+    load_seconds: float
+    quant: dict[str, QuantReport] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decision.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.decision.dtype
+
+    @property
+    def preset(self) -> str:
+        return self.decision.preset
+
+
+# --- deciding --------------------------------------------------------------------------------------------
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` is the first CUDA GPU when torch can use one, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda:0") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError as e:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from e
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(
+                f"--device {spec} asked for a GPU, but this torch build or machine has none "
+                f"(torch {torch.__version__}); use --device cpu, or install a CUDA build of torch"
+            )
+        index = 0 if device.index is None else device.index
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: there are only {torch.cuda.device_count()} CUDA device(s)")
+        device = torch.device("cuda", index)
+    return device
+
+
+def resolve(request: LoadRequest) -> Checkpoint:
+    checkpoint = resolve_checkpoint(request.model, request.revision, allow_download=request.allow_download)
+    validate(checkpoint)
+    return checkpoint
+
+
+def _overrides(request: LoadRequest) -> dict[str, str] | None:
+    return presets.parse_plan_spec(request.plan) if request.plan else None
+
+
+def _estimate(
+    request: LoadRequest, checkpoint: Checkpoint, preset: str, free: int | None
+) -> estimate.EstimateReport:
+    return estimate.estimate(
+        checkpoint.folder,
+        preset,
+        max_tokens=request.max_tokens,
+        batch=request.batch,
+        cfg_weight=request.cfg_weight,
+        free_bytes=free,
+        overrides=_overrides(request),
+    )
+
+
+def decide(request: LoadRequest, checkpoint: Checkpoint | None = None) -> Decision:
+    """Where and how to load, from NVML's free memory and the estimates. Reads no weights."""
+    checkpoint = checkpoint or resolve(request)
+    device = resolve_device(request.device)
+    forced = request.preset != "auto"
+    if forced:
+        presets.get_preset(request.preset)  # unknown or unavailable presets are usage errors
+
+    if device.type == "cpu":
+        why = "--device cpu" if request.device == "cpu" else "no usable GPU"
+        if not forced:
+            return Decision(
+                device, CPU_PRESET, torch.float32, f"{why}: running on the CPU ({CPU_PRESET})", None, None
+            )
+        report = _estimate(request, checkpoint, request.preset, None)
+        dtype = presets.sixteen_bit_dtype(device)
+        return Decision(
+            device, request.preset, dtype, f"{why}: running {request.preset} on the CPU", None, report
+        )
+
+    free = vram.free_bytes(device.index or 0)
+    dtype = presets.sixteen_bit_dtype(device)
+    if forced:
+        report = _estimate(request, checkpoint, request.preset, free)
+        est = report.presets[request.preset]
+        if est.fits is False:
+            reason = (
+                f"--preset {request.preset} needs about {vram.gib(est.total_bytes)} but "
+                f"{vram.gib(free or 0)} is free; trying it anyway"
+            )
+        else:
+            reason = f"--preset {request.preset} as asked"
+        return Decision(device, request.preset, dtype, reason, free, report)
+
+    report = _estimate(request, checkpoint, "all", free)
+    if free is None:
+        # torch sees a GPU that NVML cannot read (no NVML library): take the smallest footprint.
+        smallest = presets.preset_names()[-1]
+        reason = f"NVML cannot read free memory on {device}; using the smallest preset, {smallest}"
+        return Decision(device, smallest, dtype, reason, None, report)
+    if report.chosen is None:
+        cpu = torch.device("cpu")
+        return Decision(cpu, CPU_PRESET, torch.float32, f"{report.reason}: running on the CPU", free, report)
+    return Decision(device, report.chosen, dtype, report.reason, free, report)
+
+
+def next_preset(preset: str) -> str | None:
+    """The next lower-fidelity preset, for the OOM step-down; None when there is none."""
+    names = presets.preset_names()
+    if preset not in names:
+        return None
+    i = names.index(preset)
+    return names[i + 1] if i + 1 < len(names) else None
+
+
+# --- loading ---------------------------------------------------------------------------------------------
+
+
+def _load_t3(path: Path, decision: Decision, plan: presets.QuantPlan | None) -> tuple[T3, QuantReport | None]:
+    from chatterbox_cli.checkpoint import safetensors_header
+    from chatterbox_cli.models.loading import infer_t3_config, load_module_from_safetensors
+    from chatterbox_cli.models.t3 import T3
+
+    config = infer_t3_config(safetensors_header(path))
+    with torch.device("meta"):
+        t3 = T3(config)
+    if plan is not None and plan["t3"].quantized:
+        from chatterbox_cli.quantize import load_quantized, verify_quantized
+
+        load_quantized(t3, path, [plan["t3"]], decision.device, decision.dtype)
+        return t3, verify_quantized(t3, [plan["t3"]], decision.device)
+    return load_module_from_safetensors(t3, path, decision.device, decision.dtype), None
+
+
+def _load_s3gen(
+    path: Path, decision: Decision, plan: presets.QuantPlan | None
+) -> tuple[S3Gen, QuantReport | None]:
+    from chatterbox_cli.models.s3gen import S3Gen
+
+    if plan is None or not plan["flow"].quantized:
+        s3gen = S3Gen.load(path, decision.device, decision.dtype)
+        report = None
+    else:
+        from chatterbox_cli.quantize import quantize_module, verify_quantized
+
+        # The flow is built at 16 bits on the host, then its Linears are quantized onto the device one by one.
+        s3gen = S3Gen.load(path, "cpu", decision.dtype)
+        quantize_module(s3gen.flow, [plan["flow"]], decision.device, decision.dtype, prefix="flow.")
+        s3gen.to(decision.device)
+        report = verify_quantized(s3gen.flow, [plan["flow"]], decision.device, prefix="flow.")
+    if decision.dtype != torch.float32:
+        # HiFT's F0 predictor and sine source stay fp32: 16-bit F0 drifts the source phase audibly.
+        s3gen.mel2wav.to_inference_dtype(decision.dtype)
+    return s3gen, report
+
+
+def load_decided(checkpoint: Checkpoint, decision: Decision, request: LoadRequest) -> LoadedModel:
+    from chatterbox_cli.models.conds import load_builtin_conds
+    from chatterbox_cli.models.tokenizer import EnTokenizer
+
+    start = time.perf_counter()
+    plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
+    t3, t3_report = _load_t3(checkpoint.path("t3_cfg.safetensors"), decision, plan)
+    s3gen, flow_report = _load_s3gen(checkpoint.path("s3gen.safetensors"), decision, plan)
+    tokenizer = EnTokenizer(checkpoint.path("tokenizer.json"))
+    conds_path = checkpoint.path("conds.pt")
+    builtin = load_builtin_conds(conds_path) if conds_path.exists() else None
+    if decision.device.type == "cuda":
+        torch.cuda.synchronize(decision.device)
+    quant = {k: v for k, v in (("t3", t3_report), ("flow", flow_report)) if v is not None}
+    return LoadedModel(
+        checkpoint, decision, t3, s3gen, tokenizer, builtin, time.perf_counter() - start, quant
+    )
+
+
+def load(request: LoadRequest, notify: Notify = _quiet) -> LoadedModel:
+    """Resolve the checkpoint, decide, load; step down on CUDA OOM during load unless told not to."""
+    checkpoint = resolve(request)
+    decision = decide(request, checkpoint)
+    notify(decision.reason)
+    while True:
+        try:
+            return load_decided(checkpoint, decision, request)
+        except torch.cuda.OutOfMemoryError as e:
+            decision = _step_down(decision, request, e, "loading", notify)
+
+
+def _step_down(
+    decision: Decision, request: LoadRequest, error: BaseException, when: str, notify: Notify
+) -> Decision:
+    _free_cuda()
+    lower = next_preset(decision.preset)
+    if not request.fallback or lower is None:
+        hint = "try --preset bnb-4bit, a shorter --max-tokens, or --device cpu"
+        if not request.fallback:
+            hint += ", or drop --no-fallback to step down automatically"
+        raise OutOfMemoryError(f"out of GPU memory {when} with preset {decision.preset}; {hint}") from error
+    notify(f"out of GPU memory {when} with {decision.preset}; stepping down to {lower}")
+    return Decision(
+        decision.device,
+        lower,
+        decision.dtype,
+        f"stepped down to {lower} after OOM",
+        decision.free_bytes,
+        None,
+    )
+
+
+def _free_cuda() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- voices and speech -----------------------------------------------------------------------------------
+
+
+def _model_key(checkpoint: Checkpoint) -> str:
+    """Names the weights that prepare a voice, so a cached voice is reused only with the same weights."""
+    if checkpoint.repo_id and checkpoint.revision:
+        return f"{checkpoint.repo_id}@{checkpoint.revision}"
+    parts = []
+    for name in ("ve.safetensors", "s3gen.safetensors"):
+        st = checkpoint.path(name).stat()
+        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    return f"{checkpoint.folder.resolve()}|{'|'.join(parts)}"
+
+
+def voice(
+    model: LoadedModel, source: str | None, exaggeration: float, notify: Notify = _quiet
+) -> Conditionals:
+    """Conditionals for `source`: None → the checkpoint's built-in voice; `*.voice` → a saved voice file;
+    anything else → an audio clip, prepared once and cached by content. Voice-preparation parts are loaded
+    for the clip and freed right after."""
+    from chatterbox_cli.models.conds import Conditionals, T3Cond, load_voice
+
+    if source is None:
+        if model.builtin_voice is None:
+            raise UsageError(
+                f"{model.checkpoint.folder} has no built-in voice (conds.pt); give one with --voice clip.wav"
+            )
+        conds = model.builtin_voice
+    elif source.endswith(".voice"):
+        conds, _ = load_voice(Path(source))
+    else:
+        conds = _voice_from_clip(model, Path(source), exaggeration, notify)
+    emotion = torch.full_like(conds.t3.emotion_adv, float(exaggeration))
+    conds = Conditionals(T3Cond(conds.t3.speaker_emb, conds.t3.cond_prompt_speech_tokens, emotion), conds.gen)
+    return conds.to(model.device, model.dtype)
+
+
+def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify: Notify) -> Conditionals:
+    from chatterbox_cli.models.conds import load_voice
+    from chatterbox_cli.models.s3gen import S3Gen
+    from chatterbox_cli.models.s3gen.s3gen import VOICE_PARTS
+    from chatterbox_cli.models.voice_encoder import load_voice_encoder
+    from chatterbox_cli.voice import file_sha256, voice_cache_path, voice_from_clip
+
+    if not clip.is_file():
+        raise UsageError(f"{clip} does not exist; check the path given to --voice")
+    key = _model_key(model.checkpoint)
+    cached = voice_cache_path(file_sha256(clip), key)
+    if cached.is_file():
+        try:
+            return load_voice(cached)[0]
+        except ChatterboxError as e:
+            notify(f"the cached voice {cached} is damaged ({e}); preparing it again")
+    notify(f"preparing the voice from {clip.name} (cached for next time)")
+    # Preparation runs in fp32: it happens once per clip and its outputs are cached.
+    ve = load_voice_encoder(model.checkpoint.path("ve.safetensors"), model.device, torch.float32)
+    prep = S3Gen.load(
+        model.checkpoint.path("s3gen.safetensors"), model.device, torch.float32, parts=VOICE_PARTS
+    )
+    try:
+        prepared = voice_from_clip(clip, ve, prep, exaggeration=exaggeration, model_key=key)
+    finally:
+        del ve, prep
+        _free_cuda()
+    for note in prepared.notes:
+        notify(note)
+    return prepared.conds
+
+
+def speak(
+    model: LoadedModel,
+    request: LoadRequest,
+    chunks: list[str],
+    conds: Conditionals,
+    settings: SynthesisSettings,
+    notify: Notify = _quiet,
+) -> Iterator[AudioChunk]:
+    """Audio for each chunk, in order, as it is made. On CUDA OOM the model is reloaded one preset lower
+    (in place: `model` afterwards is the stepped-down one) and synthesis continues from the failed chunk."""
+    from chatterbox_cli import pipeline
+
+    done = 0
+    while done < len(chunks):
+        try:
+            for chunk in pipeline.synthesize(model, chunks[done:], conds, settings, first_index=done):
+                done += 1
+                yield chunk
+        except torch.cuda.OutOfMemoryError as e:
+            decision = _step_down(model.decision, request, e, f"at chunk {done + 1}", notify)
+            model.t3 = model.s3gen = None  # type: ignore[assignment]
+            _free_cuda()
+            fresh = load_decided(model.checkpoint, decision, request)
+            model.__dict__.update(fresh.__dict__)
+            conds = conds.to(model.device, model.dtype)
