@@ -1,0 +1,177 @@
+"""Estimates from safetensors headers of the official layout (sparse files: header plus holes, no weights)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from chatterbox_cli import estimate as est
+from chatterbox_cli.errors import CheckpointError, UsageError
+
+INVENTORY = Path(__file__).parent / "fixtures" / "official_tensor_inventory.json.gz"
+GiB = 1024**3
+
+
+def write_header_only_checkpoint(folder: Path) -> dict[str, dict[str, list]]:
+    with gzip.open(INVENTORY) as f:
+        inventory = json.loads(f.read())
+    for file, tensors in inventory.items():
+        header, offset = {}, 0
+        for name, (shape, _kind) in tensors.items():
+            nbytes = 4
+            for d in shape:
+                nbytes *= d
+            header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header).encode()
+        with open(folder / file, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(8 + len(raw) + offset)  # sparse: the size is right, no data is written
+    return inventory
+
+
+@pytest.fixture(scope="module")
+def official(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    folder = tmp_path_factory.mktemp("official")
+    return folder, write_header_only_checkpoint(folder)
+
+
+def numel(shape: list[int]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def test_json_schema_is_exact(official: tuple[Path, dict]) -> None:
+    report = est.estimate(official[0], "all", free_bytes=3 * GiB)
+    data = json.loads(report.to_json())
+    assert set(data) == {"free_bytes", "presets", "chosen", "reason"}
+    assert data["free_bytes"] == 3 * GiB and set(data["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit"}
+    for entry in data["presets"].values():
+        assert set(entry) == {
+            "components", "kv_cache_bytes", "workspace_bytes", "cuda_context_bytes", "margin_bytes",
+            "total_bytes", "fits", "details",
+        }  # fmt: skip
+        assert set(entry["components"]) == {"t3", "s3gen", "voice_encoder"}
+        for comp in entry["components"].values():
+            assert set(comp) == {
+                "weights_bytes",
+                "quantized_linear_bytes",
+                "other_bytes",
+                "quantized_layers",
+                "mode",
+            }
+            assert all(isinstance(comp[k], int) for k in comp if k != "mode")
+        for k in ("kv_cache_bytes", "workspace_bytes", "cuda_context_bytes", "margin_bytes", "total_bytes"):
+            assert isinstance(entry[k], int) and entry[k] > 0
+        assert isinstance(entry["fits"], bool)
+
+
+def test_fp16_weights_are_two_bytes_per_parameter(official: tuple[Path, dict]) -> None:
+    folder, inventory = official
+    e = est.estimate(folder, "fp16").presets["fp16"]
+    t3_params = sum(numel(s) for s, _ in inventory["t3_cfg.safetensors"].values())
+    resident = sum(
+        numel(s)
+        for n, (s, _) in inventory["s3gen.safetensors"].items()
+        if n.startswith(("flow.", "mel2wav."))
+    )
+    assert e.components["t3"].weights_bytes == 2 * t3_params == 2 * 532_405_248
+    assert e.components["s3gen"].weights_bytes == 2 * resident
+    assert e.components["t3"].quantized_layers == 0 and e.components["t3"].mode == "16bit"
+
+
+def test_quantized_bytes_follow_the_plan(official: tuple[Path, dict]) -> None:
+    folder, _ = official
+    report = est.estimate(folder, "all")
+    fp16, int8, nf4 = (report.presets[p].components["t3"] for p in ("fp16", "bnb-8bit", "bnb-4bit"))
+    # 210 backbone layers: 503,316,480 weights; int8 = 1 byte each + fp32 row scales
+    rows = 30 * (4 * 1024 + 2 * 4096 + 1024)
+    assert int8.quantized_layers == 210 and int8.quantized_linear_bytes == 503_316_480 + 4 * rows
+    assert nf4.quantized_layers == 210
+    assert 503_316_480 // 2 < nf4.quantized_linear_bytes < 503_316_480 * 0.53
+    # everything else unchanged at 16 bits
+    assert int8.other_bytes == nf4.other_bytes == fp16.weights_bytes - 2 * 503_316_480
+    s3 = report.presets["bnb-8bit"].components["s3gen"]
+    assert s3.quantized_layers == 424 and s3.mode == "flow=int8,mel2wav=16bit"
+    assert report.presets["bnb-4bit"].components["voice_encoder"].quantized_layers == 0
+
+
+def test_kv_cache_from_header_shapes(official: tuple[Path, dict]) -> None:
+    folder, _ = official
+    e = est.estimate(folder, "fp16", max_tokens=1000, cfg_weight=0.5, text_tokens=300).presets["fp16"]
+    positions = (1 + 32 + 1) + 300 + 3 + 1000
+    assert e.kv_cache_bytes == 2 * 30 * 2 * positions * 1024 * 2  # K and V, layers, CFG rows, 16-bit
+    no_cfg = est.estimate(folder, "fp16", cfg_weight=0.0, text_tokens=300).presets["fp16"]
+    assert no_cfg.kv_cache_bytes * 2 == e.kv_cache_bytes
+    batch = est.estimate(folder, "fp16", batch=3, text_tokens=300).presets["fp16"]
+    assert batch.kv_cache_bytes == 3 * e.kv_cache_bytes
+
+
+def test_total_is_the_sum_of_its_parts(official: tuple[Path, dict]) -> None:
+    for e in est.estimate(official[0], "all", cuda_context_bytes=123_456_789).presets.values():
+        weights = e.components["t3"].weights_bytes + e.components["s3gen"].weights_bytes
+        assert e.cuda_context_bytes == 123_456_789 and e.details["cuda_context_measured"]
+        assert e.margin_bytes == int(est.MARGIN_FRACTION * (weights + e.kv_cache_bytes + e.workspace_bytes))
+        assert (
+            e.total_bytes
+            == weights + e.kv_cache_bytes + e.workspace_bytes + e.cuda_context_bytes + e.margin_bytes
+        )
+    with_voice = est.estimate(official[0], "fp16", prepare_voice=True).presets["fp16"]
+    without = est.estimate(official[0], "fp16").presets["fp16"]
+    assert with_voice.total_bytes > without.total_bytes + with_voice.components["voice_encoder"].weights_bytes
+
+
+def test_chooser_picks_highest_fidelity_that_fits(official: tuple[Path, dict]) -> None:
+    folder, _ = official
+    totals = {p: e.total_bytes for p, e in est.estimate(folder, "all").presets.items()}
+    assert totals["fp16"] > totals["bnb-8bit"] > totals["bnb-4bit"]
+    r = est.estimate(folder, "all", free_bytes=totals["fp16"])
+    assert r.chosen == "fp16" and r.reason.startswith(f"{totals['fp16'] / GiB:.1f} GiB free; fp16 needs")
+    assert r.reason.endswith("→ fp16")
+    assert est.estimate(folder, "all", free_bytes=totals["fp16"] - 1).chosen == "bnb-8bit"
+    assert est.estimate(folder, "all", free_bytes=totals["bnb-4bit"]).chosen == "bnb-4bit"
+    none = est.estimate(folder, "all", free_bytes=totals["bnb-4bit"] - 1)
+    assert none.chosen is None and none.reason.endswith("→ CPU") and "bnb-4bit needs" in none.reason
+    cpu = est.estimate(folder, "all", free_bytes=None)
+    assert (cpu.chosen, cpu.reason) == (None, "no GPU: CPU")
+    assert all(e.fits is None for e in cpu.presets.values())
+
+
+def test_usage_and_checkpoint_errors(official: tuple[Path, dict], tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="awq"):
+        est.estimate(official[0], "awq")
+    with pytest.raises(UsageError):
+        est.estimate(official[0], "fp16", max_tokens=0)
+    with pytest.raises(CheckpointError, match="t3_cfg.safetensors is missing"):
+        est.estimate(tmp_path, "fp16")
+
+
+def test_nvml_process_bytes_reads_our_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    # NVML is the world's edge: a fake pynvml module reporting two processes.
+    class NVMLError(Exception):
+        pass
+
+    proc = types.SimpleNamespace
+    fake = types.SimpleNamespace(
+        NVMLError=NVMLError,
+        nvmlInit=lambda: None,
+        nvmlShutdown=lambda: None,
+        nvmlDeviceGetHandleByIndex=lambda i: f"h{i}",
+        nvmlDeviceGetHandleByUUID=lambda u: "hu",
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [
+            proc(pid=1, usedGpuMemory=5),
+            proc(pid=42, usedGpuMemory=777),
+        ],
+    )
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert est.nvml_process_bytes(0, 42) == 777
+    assert est.nvml_process_bytes(0, 43) is None
