@@ -1,0 +1,142 @@
+"""Put safetensors weights into a model built on the `meta` device, one tensor at a time.
+
+The model is constructed without memory (`with torch.device("meta"): model = Cls(config)`), then each
+tensor is read from the file, cast (floating point only) and moved to the target device before the next
+one is read. Peak host memory is the final weights plus one tensor in flight — no second full copy.
+
+Non-persistent buffers (derived tables such as RoPE cos/sin) are not in checkpoints: after loading, every
+submodule that defines `init_non_persistent_buffers(device)` is asked to recompute its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from chatterbox_cli.checkpoint import TensorInfo, safetensors_header
+from chatterbox_cli.errors import CheckpointError
+from chatterbox_cli.models.t3 import T3, T3Config, t3_tensor_shapes
+
+
+def _names_preview(names: set[str], limit: int = 8) -> str:
+    ordered = sorted(names)
+    shown = ", ".join(ordered[:limit])
+    return shown + (f" ... ({len(ordered) - limit} more)" if len(ordered) > limit else "")
+
+
+def _place(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner_name, _, attr = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if attr in owner._parameters:
+        owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:  # state_dict() listed it, so this cannot happen for standard modules
+        raise AssertionError(f"{name} is neither a parameter nor a buffer")
+
+
+def load_module_from_safetensors(
+    module_on_meta: nn.Module,
+    path: str | Path,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    skip_modules: Collection[str] = (),
+) -> nn.Module:
+    """Fill `module_on_meta` with the tensors of `path` (strict), on `device`; float tensors become `dtype`.
+
+    Tensors of the submodules named in `skip_modules` are neither read nor checked: the caller has already
+    filled those submodules (quantize.load_quantized puts quantized layers there).
+
+    Raises CheckpointError naming missing or unexpected tensor names and shape mismatches. Returns the same
+    module, switched to eval mode.
+    """
+    path = Path(path)
+    device = torch.device(device)
+    skip = tuple(f"{m}." for m in skip_modules)
+    expected = {
+        name: tuple(t.shape)
+        for name, t in module_on_meta.state_dict(keep_vars=True).items()
+        if not name.startswith(skip)
+    }
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (OSError, SafetensorError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
+    with handle as f:
+        all_keys = f.keys()
+        present = {k for k in all_keys if not k.startswith(skip)}
+        missing, unexpected = set(expected) - present, present - set(expected)
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing {len(missing)} tensor(s): {_names_preview(missing)}")
+            if unexpected:
+                parts.append(f"unexpected {len(unexpected)} tensor(s): {_names_preview(unexpected)}")
+            raise CheckpointError(
+                f"{path} does not match {type(module_on_meta).__name__}: {'; '.join(parts)}. "
+                "Is it the right file for this model and version?"
+            )
+        for name in expected:
+            shape = tuple(f.get_slice(name).get_shape())
+            if shape != expected[name]:
+                raise CheckpointError(
+                    f"{path}: tensor {name} has shape {shape}, the model expects {expected[name]}. "
+                    "Is it the right file for this model and version?"
+                )
+        for name in expected:
+            try:
+                tensor = f.get_tensor(name)
+            except SafetensorError as e:
+                raise CheckpointError(
+                    f"cannot read tensor {name} of {path} ({e}); delete it and download the checkpoint again"
+                ) from e
+            target = dtype if tensor.is_floating_point() else tensor.dtype
+            _place(module_on_meta, name, tensor.to(device=device, dtype=target))
+            del tensor
+
+    for sub in module_on_meta.modules():
+        init = getattr(sub, "init_non_persistent_buffers", None)
+        if callable(init):
+            init(device)
+    leftovers = [
+        n for n, t in (*module_on_meta.named_parameters(), *module_on_meta.named_buffers()) if t.is_meta
+    ]
+    if leftovers:
+        raise RuntimeError(
+            f"{type(module_on_meta).__name__} still has meta tensors after loading: {leftovers[:8]}; "
+            "their module needs an init_non_persistent_buffers(device) method"
+        )
+    return module_on_meta.eval()
+
+
+def infer_t3_config(header: dict[str, TensorInfo]) -> T3Config:
+    """The known T3 config whose tensor shapes equal those in the file's header."""
+    shapes = {name: info.shape for name, info in header.items()}
+    for candidate in (T3Config.english(), T3Config.tiny()):
+        if t3_tensor_shapes(candidate) == shapes:
+            return candidate
+    english = t3_tensor_shapes(T3Config.english())
+    differ = {n for n in set(english) | set(shapes) if english.get(n) != shapes.get(n)}
+    raise CheckpointError(
+        f"T3 checkpoint does not match the English T3 model ({len(differ)} tensor(s) differ, e.g. "
+        f"{_names_preview(differ, 4)}); only the English Chatterbox checkpoint is supported"
+    )
+
+
+def load_t3(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    config: T3Config | None = None,
+) -> T3:
+    """Build T3 on `meta` and load `t3_cfg.safetensors` into it on `device` / `dtype`."""
+    if config is None:
+        config = infer_t3_config(safetensors_header(Path(path)))
+    with torch.device("meta"):
+        model = T3(config)
+    load_module_from_safetensors(model, path, device, dtype)
+    return model

@@ -1,0 +1,118 @@
+"""Turning T3 speech logits into the next token: penalties, filters and seeded sampling.
+
+Every processor is a pure function of fixed-shape tensors (no data-dependent shapes, no host syncs), so a
+decode step that uses them can be captured in a CUDA graph. Logits are [rows, vocab] and float32.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from chatterbox_cli.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How the next speech token is chosen. Defaults are the reference's English defaults.
+
+    temperature 0 means greedy decoding (argmax after the repetition penalty).
+    """
+
+    temperature: float = 0.8
+    min_p: float = 0.05
+    top_p: float = 1.0
+    repetition_penalty: float = 1.2
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise UsageError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise UsageError(f"min_p must be between 0 and 1, got {self.min_p}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0.0:
+            raise UsageError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """Make every token already in the sequence less likely, once per token however often it occurred.
+
+    `seen` is a bool mask [rows, vocab]. Positive logits are divided by the penalty, negative ones multiplied,
+    so the token always moves toward lower probability.
+    """
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalised, logits)
+
+
+def apply_temperature(logits: Tensor, temperature: float) -> Tensor:
+    if temperature == 1.0 or temperature == 0.0:
+        return logits
+    return logits / temperature
+
+
+def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
+    """Drop tokens whose probability is below `min_p` times that of the most likely token."""
+    if min_p <= 0.0:
+        return logits
+    probs = torch.softmax(logits, dim=-1)
+    threshold = min_p * probs.amax(dim=-1, keepdim=True)
+    # The most likely token always survives: its probability equals the max and min_p <= 1.
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filtering: keep the most likely tokens whose probabilities sum to at least `top_p`.
+
+    Tokens are removed from the unlikely end while the mass accumulated from that end stays <= 1 - top_p;
+    the single most likely token is always kept. top_p = 1 is a no-op (it would only remove tokens whose
+    probability is already exactly zero).
+    """
+    if top_p >= 1.0:
+        return logits
+    ascending, order = torch.sort(logits, dim=-1)
+    tail_mass = torch.softmax(ascending, dim=-1).cumsum(dim=-1)
+    drop_sorted = tail_mass <= (1.0 - top_p)
+    drop_sorted[..., -1] = False
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Draw one token per row from softmax(logits). Returns [rows] long.
+
+    Uses the exponential race (argmax of p / E with E ~ Exp(1)), which is exactly what `torch.multinomial`
+    does for a single sample, so a seeded generator gives the same tokens as multinomial would — and
+    it needs no host sync.
+    """
+    probs = torch.softmax(logits, dim=-1)
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return torch.argmax(probs / race, dim=-1)
+
+
+def process_logits(logits: Tensor, seen: Tensor, settings: SamplingSettings) -> Tensor:
+    """Repetition penalty, temperature, min_p, top_p — the reference's order."""
+    logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    if settings.greedy:
+        return logits
+    logits = apply_temperature(logits, settings.temperature)
+    logits = apply_min_p(logits, settings.min_p)
+    return apply_top_p(logits, settings.top_p)
+
+
+def choose_next_token(
+    logits: Tensor, seen: Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
+) -> Tensor:
+    """Pick the next token per row ([rows] long) from raw float logits [rows, vocab]."""
+    logits = process_logits(logits.float(), seen, settings)
+    if settings.greedy:
+        return torch.argmax(logits, dim=-1)
+    return sample_from_logits(logits, generator)
