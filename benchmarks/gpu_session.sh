@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# One device-machine session: install carried wheels, then run what is asked (probe, gpu tests, benchmarks).
+# Usage on the GPU machine: bash benchmarks/gpu_session.sh probe tests speed memory caps
+# Wheels travel in .wheels/ (ours: bitsandbytes, soundfile, cffi, pycparser, soxr) and .refwheels/
+# (the reference chatterbox-tts 0.1.7 and its pure-Python deps); results land in $OUT.
+set -uo pipefail
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | grep -v WARNING
+[ -d .refwheels ] && python3 -m pip install -q --no-deps --target /tmp/refsite .refwheels/*.whl 2>&1 | grep -v WARNING
+export PYTHONPATH=/tmp/site:$PWD
+CK=/tmp/ck-full
+for step in "$@"; do
+  echo "=== $step $(date +%T)"
+  case $step in
+    probe) python3 -m chatterbox_cli probe-vram --json | tee "$OUT/probe.json" ;;
+    tests) python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+    speed) python3 benchmarks/speed.py --checkpoint $CK --reference-site /tmp/refsite 2>&1 | tee "$OUT/speed.log" | tail -60 ;;
+    speed-ours) python3 benchmarks/speed.py --checkpoint $CK 2>&1 | tee "$OUT/speed.log" | tail -40 ;;
+    memory) python3 benchmarks/memory.py --checkpoint $CK --caps "" --budget-s 400 > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
+    caps) python3 benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
+    *) echo "unknown step $step" ;;
+  esac
+done

@@ -1,0 +1,219 @@
+"""S3Gen flow: speech tokens (25 Hz) -> 80-bin mel (50 Hz) by conditional flow matching.
+
+Token embedding -> upsampling Conformer encoder -> `mu`; an Euler ODE solver integrates the
+estimator's velocity from noise to mel over a cosine time schedule, with classifier-free guidance.
+The voice prompt's tokens and mel are prepended and its frames cut from the output.
+Parameter names follow the official `s3gen.safetensors` (`flow.*`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .conformer import UpsampleConformerEncoder, lengths_to_mask
+from .estimator import ConditionalDecoder
+
+
+@dataclass(frozen=True)
+class FlowConfig:
+    vocab_size: int = 6561
+    d_model: int = 512  # token embedding and Conformer width
+    mel_dim: int = 80
+    spk_embed_dim: int = 192  # CAMPPlus x-vector
+    n_heads: int = 8
+    linear_units: int = 2048
+    n_blocks: int = 6
+    n_up_blocks: int = 4
+    pre_lookahead: int = 3
+    token_mel_ratio: int = 2
+    est_channels: int = 256
+    est_n_blocks: int = 4
+    est_n_mid: int = 12
+    est_n_heads: int = 8
+    est_head_dim: int = 64
+    cfg_rate: float = 0.7
+    n_timesteps: int = 10
+
+    @classmethod
+    def english(cls) -> FlowConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> FlowConfig:
+        return cls(
+            d_model=64,
+            n_heads=4,
+            linear_units=128,
+            n_blocks=2,
+            n_up_blocks=2,
+            est_channels=64,
+            est_n_blocks=1,
+            est_n_mid=2,
+            est_n_heads=2,
+            est_head_dim=32,
+        )
+
+
+def cosine_time_grid(
+    n_steps: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """n_steps+1 times in [0, 1], denser near t=0: 1 - cos(pi/2 * linspace(0, 1))."""
+    t = torch.linspace(0, 1, n_steps + 1, device=device, dtype=dtype)
+    return 1 - torch.cos(t * 0.5 * torch.pi)
+
+
+class CausalCFM(nn.Module):
+    """Euler solver over the estimator with classifier-free guidance (conditional row + a row whose
+    mu, speaker and prompt-mel conditions are zero)."""
+
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.cfg_rate = config.cfg_rate
+        self.estimator = ConditionalDecoder(
+            in_channels=4 * config.mel_dim,
+            out_channels=config.mel_dim,
+            channels=config.est_channels,
+            n_blocks=config.est_n_blocks,
+            n_mid=config.est_n_mid,
+            n_heads=config.est_n_heads,
+            head_dim=config.est_head_dim,
+        )
+
+    def forward(
+        self, noise: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int
+    ) -> Tensor:
+        """noise, mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T]."""
+        dtype = self.estimator.final_proj.weight.dtype
+        x = noise.to(dtype)
+        mu, mask, spks, cond = mu.to(dtype), mask.to(dtype), spks.to(dtype), cond.to(dtype)
+        b = x.size(0)
+        # batch of 2B: the conditional rows first, then the unconditional ones
+        mu2 = torch.cat([mu, torch.zeros_like(mu)])
+        spks2 = torch.cat([spks, torch.zeros_like(spks)])
+        cond2 = torch.cat([cond, torch.zeros_like(cond)])
+        mask2 = torch.cat([mask, mask])
+        times = cosine_time_grid(n_timesteps, x.device, dtype)
+        for t0, t1 in zip(times[:-1], times[1:], strict=False):
+            v = self.estimator(torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
+            v_cond, v_uncond = v[:b], v[b:]
+            x = x + (t1 - t0) * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
+        return x
+
+
+class Flow(nn.Module):
+    def __init__(self, config: FlowConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.input_embedding = nn.Embedding(config.vocab_size, config.d_model)
+        self.spk_embed_affine_layer = nn.Linear(config.spk_embed_dim, config.mel_dim)
+        self.encoder = UpsampleConformerEncoder(
+            d_model=config.d_model,
+            n_heads=config.n_heads,
+            hidden=config.linear_units,
+            n_blocks=config.n_blocks,
+            n_up_blocks=config.n_up_blocks,
+            lookahead=config.pre_lookahead,
+            up_stride=config.token_mel_ratio,
+        )
+        self.encoder_proj = nn.Linear(config.d_model, config.mel_dim)
+        self.decoder = CausalCFM(config)
+
+    def encode(self, tokens: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, T] (any value past each length), lengths [B] -> (mu [B, 2T, 80], mel lengths [B])."""
+        mask = lengths_to_mask(lengths, tokens.size(1))
+        valid = tokens[mask]
+        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.vocab_size):
+            raise ValueError(
+                f"speech tokens must lie in [0, {self.config.vocab_size}); "
+                "drop start/stop tokens before S3Gen"
+            )
+        tokens = tokens.masked_fill(~mask, 0)
+        x = self.input_embedding(tokens) * mask[..., None].to(self.input_embedding.weight.dtype)
+        h, mel_lengths = self.encoder(x, lengths)
+        return self.encoder_proj(h), mel_lengths
+
+    def inference(
+        self,
+        tokens: Tensor,
+        token_lens: Tensor,
+        prompt_token: Tensor,
+        prompt_feat: Tensor,
+        embedding: Tensor,
+        n_timesteps: int | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Mel for `tokens` [B, T] (valid lengths `token_lens` [B]) in the voice of the prompt.
+
+        prompt_token [1 or B, P]; prompt_feat [1 or B, 2P, 80]; embedding [1 or B, spk_dim]; all rows
+        share the prompt length P. `noise` [B, 80, 2P + 2T] is the ODE start; without it, standard
+        normal noise is drawn (from `generator` if given, else the global RNG, like the reference).
+        Returns (mel [B, 80, 2T] zero past each length, mel lengths [B] = 2 * token_lens).
+        """
+        n_timesteps = self.config.n_timesteps if n_timesteps is None else n_timesteps
+        b = tokens.size(0)
+        dtype = self.encoder_proj.weight.dtype
+        device = tokens.device
+        prompt_token = prompt_token.to(device).expand(b, -1)
+        prompt_feat = prompt_feat.to(device=device, dtype=dtype).expand(b, -1, -1)
+        embedding = embedding.to(device=device, dtype=dtype)
+        spks = self.spk_embed_affine_layer(F.normalize(embedding, dim=1)).expand(b, -1)
+
+        token_lens = token_lens.to(device)
+        all_tokens = torch.cat([prompt_token, tokens], dim=1)
+        mu, mel_lengths = self.encode(all_tokens, token_lens + prompt_token.size(1))
+        n_prompt_frames = prompt_feat.size(1)
+        total = mu.size(1)
+
+        cond = torch.zeros(b, total, self.config.mel_dim, device=device, dtype=dtype)
+        cond[:, :n_prompt_frames] = prompt_feat
+        mask = lengths_to_mask(mel_lengths, total)[:, None].to(dtype)
+        if noise is None:
+            noise = torch.randn(
+                (b, self.config.mel_dim, total),
+                generator=generator,
+                device=generator.device if generator is not None else device,
+                dtype=dtype,
+            )
+        elif noise.shape != (b, self.config.mel_dim, total):
+            raise ValueError(
+                f"noise must have shape {(b, self.config.mel_dim, total)}, got {tuple(noise.shape)}"
+            )
+        mel = self.decoder(
+            noise.to(device=device, dtype=dtype),
+            mu.transpose(1, 2),
+            mask,
+            spks,
+            cond.transpose(1, 2),
+            n_timesteps,
+        )
+        mel = mel * mask  # padded frames keep their noise otherwise
+        return mel[:, :, n_prompt_frames:], mel_lengths - n_prompt_frames
+
+
+def _init_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> Tensor:
+    """Sane random values for a parameter, chosen by its name and shape (fan-in scaled weights,
+    small biases, norm gains near 1)."""
+    if name.endswith("pos_bias_u") or name.endswith("pos_bias_v"):
+        return torch.randn(shape, generator=generator) * 0.1
+    if len(shape) == 1:
+        is_norm_gain = name.endswith(".weight")  # 1-D weights belong to LayerNorms here
+        base = torch.randn(shape, generator=generator) * (0.1 if is_norm_gain else 0.02)
+        return base + 1.0 if is_norm_gain else base
+    if name.endswith("input_embedding.weight"):
+        return torch.randn(shape, generator=generator)
+    fan_in = math.prod(shape[1:])
+    return torch.randn(shape, generator=generator) / math.sqrt(fan_in)
+
+
+def random_state_dict(config: FlowConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Seeded random fp32 weights for `Flow(config)` under its own (unprefixed) names."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {name: p.shape for name, p in Flow(config).state_dict().items()}
+    return {name: _init_tensor(name, shape, generator) for name, shape in shapes.items()}

@@ -1,0 +1,405 @@
+"""S3Gen: S3 speech tokens -> 24 kHz waveform (flow + HiFT), and voice preparation (tokenizer, x-vector).
+
+The four submodules carry the official `s3gen.safetensors` prefixes: `tokenizer`, `speaker_encoder`,
+`flow`, `mel2wav`. Voice preparation needs only the first two, speaking only the last two, so each
+part is built, loaded and freed on its own (`S3Gen.load(..., parts=...)`, `load_parts`, `free`).
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from torch import Tensor, nn
+
+from chatterbox_cli.errors import CheckpointError, UsageError
+from chatterbox_cli.models.conds import GenCond
+
+from .flow import Flow, FlowConfig
+from .flow import random_state_dict as flow_random_state_dict
+
+if TYPE_CHECKING:
+    from .hifigan import HiFTConfig
+    from .speech_tokenizer import SpeechTokenizerConfig
+    from .xvector import CAMPPlusConfig
+
+S3GEN_SR = 24_000
+S3_SR = 16_000
+PARTS = ("tokenizer", "speaker_encoder", "flow", "mel2wav")
+VOICE_PARTS = ("tokenizer", "speaker_encoder")
+SPEECH_PARTS = ("flow", "mel2wav")
+MEL_FRAMES_PER_TOKEN = 2
+
+
+def _hift_config(size: str) -> HiFTConfig:
+    from .hifigan import HiFTConfig
+
+    return getattr(HiFTConfig, size)()
+
+
+def _tokenizer_config(size: str) -> SpeechTokenizerConfig:
+    from .speech_tokenizer import SpeechTokenizerConfig
+
+    return getattr(SpeechTokenizerConfig, size)()
+
+
+def _xvector_config(size: str) -> CAMPPlusConfig:
+    from .xvector import CAMPPlusConfig
+
+    return getattr(CAMPPlusConfig, size)()
+
+
+@dataclass(frozen=True)
+class S3GenConfig:
+    flow: FlowConfig = field(default_factory=FlowConfig.english)
+    hift: HiFTConfig = field(default_factory=lambda: _hift_config("english"))
+    tokenizer: SpeechTokenizerConfig = field(default_factory=lambda: _tokenizer_config("english"))
+    xvector: CAMPPlusConfig = field(default_factory=lambda: _xvector_config("english"))
+
+    @classmethod
+    def english(cls) -> S3GenConfig:
+        return cls()
+
+    @classmethod
+    def tiny(cls) -> S3GenConfig:
+        # keep the official x-vector width (192) so one conds.pt layout serves both sizes
+        xvector = replace(_xvector_config("tiny"), embedding_size=FlowConfig.tiny().spk_embed_dim)
+        return cls(
+            flow=replace(FlowConfig.tiny(), spk_embed_dim=xvector.embedding_size),
+            hift=_hift_config("tiny"),
+            tokenizer=_tokenizer_config("tiny"),
+            xvector=xvector,
+        )
+
+    def __post_init__(self) -> None:
+        if self.flow.spk_embed_dim != self.xvector.embedding_size:
+            raise ValueError(
+                f"flow.spk_embed_dim {self.flow.spk_embed_dim} != x-vector size {self.xvector.embedding_size}"
+            )
+
+
+def _build_part(config: S3GenConfig, part: str) -> nn.Module:
+    if part == "flow":
+        return Flow(config.flow)
+    if part == "mel2wav":
+        from .hifigan import HiFTGenerator
+
+        return HiFTGenerator(config.hift)
+    if part == "tokenizer":
+        from .speech_tokenizer import SpeechTokenizer
+
+        return SpeechTokenizer(config.tokenizer)
+    if part == "speaker_encoder":
+        from .xvector import CAMPPlus
+
+        return CAMPPlus(config.xvector)
+    raise UsageError(f"unknown S3Gen part {part!r}; choose from {', '.join(PARTS)}")
+
+
+def _derived_names(part: str) -> frozenset[str]:
+    """Buffers a part computes itself and the official file leaves out (the tokenizer's mel filters)."""
+    if part == "tokenizer":
+        from .speech_tokenizer import DERIVED_BUFFERS
+
+        return frozenset(DERIVED_BUFFERS)
+    return frozenset()
+
+
+def random_state_dict(config: S3GenConfig, seed: int = 0) -> dict[str, Tensor]:
+    """Seeded random fp32 weights for all of S3Gen under the official `s3gen.safetensors` names.
+
+    Like the official file, it leaves out the tokenizer's derived buffers (mel filters, window).
+    """
+    from .hifigan import random_state_dict as hift_random
+    from .speech_tokenizer import random_state_dict as tokenizer_random
+    from .xvector import random_state_dict as xvector_random
+
+    pieces = {
+        "tokenizer": tokenizer_random(config.tokenizer, seed),
+        "speaker_encoder": xvector_random(config.xvector, seed + 1),
+        "flow": flow_random_state_dict(config.flow, seed + 2),
+        "mel2wav": hift_random(config.hift, seed + 3),
+    }
+    out: dict[str, Tensor] = {}
+    for part, sd in pieces.items():
+        skip = _derived_names(part)
+        out.update({f"{part}.{k}": v for k, v in sd.items() if k not in skip})
+    return out
+
+
+def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
+
+
+def _part_shapes(config: S3GenConfig, part: str) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        sd = _build_part(config, part).state_dict()
+    return {f"{part}.{k}": tuple(v.shape) for k, v in sd.items()}
+
+
+def infer_config(path: str | Path, parts: Iterable[str] = PARTS) -> S3GenConfig:
+    """The known S3Gen config (English, then tiny) whose `parts` match the file's tensor shapes."""
+    path = Path(path)
+    shapes = _file_shapes(path)
+    for candidate in (S3GenConfig.english(), S3GenConfig.tiny()):
+        if all(
+            all(
+                shapes.get(k, s) == s and (k in shapes or k.split(".", 1)[1] in _derived_names(p))
+                for k, s in _part_shapes(candidate, p).items()
+            )
+            for p in parts
+        ):
+            return candidate
+    raise CheckpointError(
+        f"{path} does not match the English S3Gen model (parts {', '.join(parts)}); "
+        "only the English Chatterbox checkpoint is supported"
+    )
+
+
+def _local_state_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Checkpoint names (and shapes) of the tensors a module stores itself, not through its children."""
+    own = module.state_dict(keep_vars=True)
+    for child_name, child in module.named_children():
+        for key in child.state_dict(keep_vars=True):
+            own.pop(f"{child_name}.{key}", None)
+    return {k: tuple(v.shape) for k, v in own.items()}
+
+
+def _load_part(
+    config: S3GenConfig, part: str, path: Path, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """Build one part and fill it from `path`, one module's tensors at a time.
+
+    Each module's tensors go through its own `load_state_dict`, so modules that fold checkpoint
+    tensors on load (HiFT's weight norm) work. Parts without self-computed buffers are built on `meta`
+    and take the file's tensors as they are (no random init, no second copy); the others are built on
+    the CPU and copied into. Derived tokenizer buffers absent from the file keep their computed values.
+    """
+    derived = _derived_names(part)
+    with torch.device("meta"):
+        probe = _build_part(config, part)
+    persistent = set(probe.state_dict())
+    on_meta = not derived and all(name in persistent for name, _ in probe.named_buffers())
+    module = probe if on_meta else _build_part(config, part).to(dtype)
+    target = device if on_meta else torch.device("cpu")
+    prefix = f"{part}."
+    try:
+        handle = safe_open(str(path), framework="pt", device="cpu")
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
+    with handle as f:
+        present = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+        missing = sorted(persistent - present - derived)
+        if missing:
+            shown = ", ".join(prefix + m for m in missing[:6]) + (" ..." if len(missing) > 6 else "")
+            raise CheckpointError(
+                f"{path} lacks {len(missing)} tensor(s) of S3Gen's {part}: {shown}. "
+                "Is it the right file for this model and version?"
+            )
+        for mod_name, mod in module.named_modules():
+            mod_prefix = f"{mod_name}." if mod_name else ""
+            chunk: dict[str, Tensor] = {}
+            for key, shape in _local_state_shapes(mod).items():
+                full = mod_prefix + key
+                if full not in present:
+                    continue  # a derived buffer: keeps the value the module computed
+                tensor = f.get_tensor(prefix + full)
+                if tuple(tensor.shape) != shape:
+                    raise CheckpointError(
+                        f"{path}: tensor {prefix + full} has shape {tuple(tensor.shape)}, S3Gen expects "
+                        f"{shape}. Is it the right file for this model and version?"
+                    )
+                if tensor.is_floating_point():
+                    tensor = tensor.to(dtype)
+                chunk[key] = tensor.to(target)
+            if chunk:
+                mod.load_state_dict(chunk, strict=False, assign=on_meta)
+    module.requires_grad_(False)
+    return module.to(device).eval()
+
+
+def trim_fade(n_samples: int = S3GEN_SR // 50, device: torch.device | None = None) -> Tensor:
+    """Gain for the first 2*n samples: silent for n, then a raised-cosine fade-in over n (the reference's
+    remedy for the voice prompt spilling into the start of the output)."""
+    ramp = (1 - torch.cos(torch.linspace(0, torch.pi, n_samples, device=device))) / 2
+    return torch.cat([torch.zeros(n_samples, device=device), ramp])
+
+
+class S3Gen(nn.Module):
+    def __init__(self, config: S3GenConfig | None = None, parts: Iterable[str] = PARTS) -> None:
+        super().__init__()
+        self.config = config or S3GenConfig.english()
+        self.tokenizer: nn.Module | None = None
+        self.speaker_encoder: nn.Module | None = None
+        self.flow: Flow | None = None
+        self.mel2wav: nn.Module | None = None
+        for part in parts:
+            setattr(self, part, _build_part(self.config, part))
+
+    # --- loading and freeing parts ------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        parts: Iterable[str] = SPEECH_PARTS,
+        config: S3GenConfig | None = None,
+    ) -> S3Gen:
+        """Load the named parts of `s3gen.safetensors`; the others stay None until `load_parts`."""
+        parts = tuple(parts)
+        path = Path(path)
+        model = cls(config or infer_config(path, parts), parts=())
+        model.load_parts(path, parts, device, dtype)
+        return model.eval()
+
+    def load_parts(
+        self,
+        path: str | Path,
+        parts: Iterable[str],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        for part in parts:
+            if part not in PARTS:
+                raise UsageError(f"unknown S3Gen part {part!r}; choose from {', '.join(PARTS)}")
+            setattr(self, part, _load_part(self.config, part, Path(path), torch.device(device), dtype))
+
+    def free(self, parts: Iterable[str] = VOICE_PARTS) -> None:
+        """Drop the named parts and return their memory (CUDA cache included)."""
+        for part in parts:
+            setattr(self, part, None)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def _need(self, *parts: str) -> None:
+        absent = [p for p in parts if getattr(self, p) is None]
+        if absent:
+            raise UsageError(f"S3Gen part(s) {', '.join(absent)} not loaded; load them with load_parts()")
+
+    # --- speaking -----------------------------------------------------------------------------------
+
+    def tokens_to_mel(
+        self,
+        tokens: Tensor,
+        cond: GenCond,
+        token_lens: Tensor | None = None,
+        n_timesteps: int | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """tokens [B, T] long (< 6561) -> mel [B, 80, 2T]; row b is valid for 2 * token_lens[b] frames
+        and zero after. `noise` [B, 80, 2P + 2T] (P = prompt tokens) or `generator` fixes the ODE start."""
+        self._need("flow")
+        tokens = torch.atleast_2d(tokens)
+        device = self.flow.encoder_proj.weight.device
+        if token_lens is None:
+            token_lens = torch.full((tokens.size(0),), tokens.size(1), dtype=torch.long)
+        with torch.inference_mode():
+            mel, _ = self.flow.inference(
+                tokens.to(device),
+                token_lens.to(device),
+                cond.prompt_token,
+                cond.prompt_feat,
+                cond.embedding,
+                n_timesteps=n_timesteps,
+                noise=noise,
+                generator=generator,
+            )
+        return mel
+
+    def mel_to_wav(
+        self, mel: Tensor, generator: torch.Generator | None = None, mel_lens: Tensor | None = None
+    ) -> Tensor:
+        """mel [B, 80, F] -> waveform [B, F * 480] float32 at 24 kHz (zero past each row's mel_lens)."""
+        self._need("mel2wav")
+        wav, _ = self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)
+        return wav
+
+    def synthesize(
+        self,
+        tokens: Tensor,
+        cond: GenCond,
+        token_lens: Tensor | None = None,
+        n_timesteps: int | None = None,
+        noise: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """tokens [B, T] -> waveform [B, 2T * 480] at 24 kHz, valid for 960 * token_lens[b] samples.
+
+        One `generator` seeds both the flow's start noise and the vocoder's source noise (in that
+        order), so a seed reproduces the audio. The first 40 ms are faded in as the reference does.
+        """
+        tokens = torch.atleast_2d(tokens)
+        if token_lens is None:
+            token_lens = torch.full((tokens.size(0),), tokens.size(1), dtype=torch.long)
+        mel = self.tokens_to_mel(tokens, cond, token_lens, n_timesteps, noise, generator)
+        wav = self.mel_to_wav(mel, generator, token_lens.to(mel.device) * MEL_FRAMES_PER_TOKEN)
+        fade = trim_fade(device=wav.device)
+        n = min(fade.numel(), wav.size(1))
+        return torch.cat([wav[:, :n] * fade[:n], wav[:, n:]], dim=1)
+
+    def forward(self, tokens: Tensor, cond: GenCond, **kwargs: object) -> Tensor:
+        return self.synthesize(tokens, cond, **kwargs)  # type: ignore[arg-type]
+
+    # --- voice preparation --------------------------------------------------------------------------
+
+    def embed_ref(self, wav: Tensor | np.ndarray, sr: int) -> GenCond:
+        """Reference clip (mono [T] or [1, T], float, any rate) -> S3Gen conditionals.
+
+        Mel of the 24 kHz clip, CAMPPlus x-vector and S3 tokens of the 16 kHz clip (resampled with
+        soxr, HQ). The prompt is cut to whole tokens: 2 mel frames per token.
+        """
+        self._need("tokenizer", "speaker_encoder")
+        from .mel import mel_spectrogram
+
+        clip = torch.as_tensor(wav, dtype=torch.float32).detach().cpu()
+        if clip.dim() == 2 and clip.size(0) == 1:
+            clip = clip[0]
+        if clip.dim() != 1:
+            raise UsageError(
+                f"the voice clip must be mono audio [T] or [1, T], got shape {tuple(clip.shape)}"
+            )
+        device = next(self.speaker_encoder.parameters()).device
+        wav24 = _resample(clip, sr, S3GEN_SR)
+        wav16 = _resample(clip, sr, S3_SR)
+
+        with torch.inference_mode():
+            mel = mel_spectrogram(wav24[None].to(device)).transpose(1, 2)  # [1, F, 80]
+            embedding = self.speaker_encoder.inference(wav16[None].to(device))
+            tokens, _ = self.tokenizer(wav16[None].to(next(self.tokenizer.parameters()).device))
+        n_tokens = min(tokens.size(1), mel.size(1) // MEL_FRAMES_PER_TOKEN)
+        if n_tokens < 1:
+            raise UsageError(
+                f"the voice clip ({clip.numel() / sr:.2f} s) is too short; give a few seconds of speech"
+            )
+        tokens = tokens[:, :n_tokens].to(device)
+        mel = mel[:, : MEL_FRAMES_PER_TOKEN * n_tokens]
+        return GenCond(
+            prompt_token=tokens,
+            prompt_token_len=torch.tensor([n_tokens], dtype=torch.long, device=device),
+            prompt_feat=mel.float(),
+            embedding=embedding.float(),
+        )
+
+
+def _resample(wav: Tensor, sr: int, target: int) -> Tensor:
+    if sr == target:
+        return wav
+    import soxr
+
+    return torch.from_numpy(
+        np.ascontiguousarray(soxr.resample(wav.numpy(), sr, target, quality="HQ"), np.float32)
+    )

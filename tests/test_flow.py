@@ -1,0 +1,183 @@
+"""S3Gen flow: parity with the reference (fixture from scripts/parity/flow.py), batching, seeding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from chatterbox_cli.models.s3gen.flow import Flow, FlowConfig, cosine_time_grid, random_state_dict
+
+FIXTURE = Path(__file__).parent / "fixtures" / "parity_flow"
+# fp32 on both sides; differences come from op order only (relative to the output's max magnitude)
+MU_TOL = 1e-5
+MEL_TOL = 1e-4
+
+
+def _fixture() -> tuple[dict[str, torch.Tensor], dict]:
+    return load_file(f"{FIXTURE}.safetensors"), json.loads(Path(f"{FIXTURE}.json").read_text())
+
+
+def _build(config: FlowConfig, seed: int) -> Flow:
+    flow = Flow(config)
+    flow.load_state_dict(random_state_dict(config, seed), strict=True)
+    return flow.eval()
+
+
+def _rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def _check_case(name: str) -> None:
+    t, meta = _fixture()
+    case = meta[name]
+    config = FlowConfig.english() if case["config"] == "english" else FlowConfig.tiny()
+    flow = _build(config, case["seed"])
+    tokens, prompt_token = t[f"{name}.tokens"], t[f"{name}.prompt_token"]
+    with torch.inference_mode():
+        all_tokens = torch.cat([prompt_token, tokens], dim=1)
+        mu, mel_lens = flow.encode(all_tokens, torch.tensor([all_tokens.size(1)]))
+        assert mel_lens.tolist() == [2 * all_tokens.size(1)]
+        assert _rel_err(mu, t[f"{name}.mu"]) < MU_TOL
+
+        mel, lens = flow.inference(
+            tokens,
+            torch.tensor([tokens.size(1)]),
+            prompt_token,
+            t[f"{name}.prompt_feat"],
+            t[f"{name}.embedding"],
+            n_timesteps=case["n_timesteps"],
+            noise=t[f"{name}.noise"],
+        )
+        assert mel.shape == t[f"{name}.mel"].shape
+        assert lens.tolist() == [2 * tokens.size(1)]
+        assert _rel_err(mel, t[f"{name}.mel"]) < MEL_TOL
+
+        # the reference drew its noise from the global RNG seeded with noise_seed; a generator with the
+        # same seed gives the same noise, hence the same mel
+        gen = torch.Generator().manual_seed(meta["noise_seed"])
+        mel_g, _ = flow.inference(
+            tokens,
+            torch.tensor([tokens.size(1)]),
+            prompt_token,
+            t[f"{name}.prompt_feat"],
+            t[f"{name}.embedding"],
+            n_timesteps=case["n_timesteps"],
+            generator=gen,
+        )
+        torch.testing.assert_close(mel_g, mel)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny5"])
+def test_flow_matches_reference_tiny(name: str) -> None:
+    _check_case(name)
+
+
+@pytest.mark.slow
+def test_flow_matches_reference_english() -> None:
+    torch.set_num_threads(1)
+    _check_case("english")
+
+
+def test_english_state_dict_names_and_shapes() -> None:
+    with torch.device("meta"):
+        flow = Flow(FlowConfig.english())
+    sd = flow.state_dict()
+    assert len(sd) == 1121  # `flow.*` tensors of the reference S3Gen
+    assert sum(v.numel() for v in sd.values()) == 112_549_360
+    assert sd["encoder.encoders.5.self_attn.pos_bias_u"].shape == (8, 64)
+    assert sd["decoder.estimator.mid_blocks.11.1.3.ff.net.2.weight"].shape == (256, 1024)
+    assert sd["decoder.estimator.up_blocks.0.0.block1.block.0.weight"].shape == (256, 512, 3)
+    assert sd["encoder.up_encoders.3.feed_forward.w_1.weight"].shape == (2048, 512)
+
+
+def test_random_state_dict_is_seeded() -> None:
+    a = random_state_dict(FlowConfig.tiny(), seed=3)
+    b = random_state_dict(FlowConfig.tiny(), seed=3)
+    c = random_state_dict(FlowConfig.tiny(), seed=4)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["encoder_proj.weight"], c["encoder_proj.weight"])
+
+
+def test_cosine_schedule() -> None:
+    t = cosine_time_grid(4)
+    assert t[0] == 0 and abs(t[-1].item() - 1.0) < 1e-6
+    steps = t[1:] - t[:-1]
+    assert torch.all(steps[1:] > steps[:-1])  # small steps near the noise end, larger near the data
+
+
+def _inputs(config: FlowConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_token": torch.randint(0, config.vocab_size, (1, 6), generator=g),
+        "prompt_feat": torch.randn(1, 12, config.mel_dim, generator=g),
+        "embedding": torch.randn(1, config.spk_embed_dim, generator=g),
+    }
+
+
+def test_batch_of_two_lengths_equals_one_by_one() -> None:
+    config = FlowConfig.tiny()
+    flow = _build(config, 0)
+    cond = _inputs(config)
+    g = torch.Generator().manual_seed(7)
+    long_tokens = torch.randint(0, config.vocab_size, (1, 15), generator=g)
+    short_tokens = torch.randint(0, config.vocab_size, (1, 9), generator=g)
+    total = 2 * (6 + 15)
+    noise = torch.randn(2, config.mel_dim, total, generator=g)
+
+    batch_tokens = torch.zeros(2, 15, dtype=torch.long)
+    batch_tokens[0] = long_tokens[0]
+    batch_tokens[1, :9] = short_tokens[0]
+    batch_tokens[1, 9:] = 6562  # padding content must not matter (even a stop token)
+    with torch.inference_mode():
+        mel, lens = flow.inference(batch_tokens, torch.tensor([15, 9]), **cond, noise=noise)
+        alone_long, _ = flow.inference(long_tokens, torch.tensor([15]), **cond, noise=noise[:1])
+        alone_short, _ = flow.inference(
+            short_tokens, torch.tensor([9]), **cond, noise=noise[1:, :, : 2 * (6 + 9)].contiguous()
+        )
+    assert lens.tolist() == [30, 18]
+    torch.testing.assert_close(mel[0], alone_long[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mel[1, :, :18], alone_short[0], atol=1e-5, rtol=1e-5)
+    assert torch.all(mel[1, :, 18:] == 0)
+
+
+def test_generator_seed_reproduces_and_steps_matter() -> None:
+    config = FlowConfig.tiny()
+    flow = _build(config, 0)
+    cond = _inputs(config)
+    tokens = torch.randint(0, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([8])
+
+    def run(seed: int, steps: int) -> torch.Tensor:
+        with torch.inference_mode():
+            mel, _ = flow.inference(
+                tokens, lens, **cond, n_timesteps=steps, generator=torch.Generator().manual_seed(seed)
+            )
+        return mel
+
+    a = run(5, 10)
+    assert a.shape == (1, 80, 16)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(run(5, 10), a, atol=0, rtol=0)
+    assert not torch.allclose(run(6, 10), a)
+    assert not torch.allclose(run(5, 5), a)
+
+
+def test_out_of_range_tokens_are_rejected() -> None:
+    config = FlowConfig.tiny()
+    flow = _build(config, 0)
+    with pytest.raises(ValueError, match="drop start/stop tokens"):
+        flow.inference(torch.tensor([[1, 2, 6561]]), torch.tensor([3]), **_inputs(config))
+
+
+def test_wrong_noise_shape_is_rejected() -> None:
+    config = FlowConfig.tiny()
+    flow = _build(config, 0)
+    with pytest.raises(ValueError, match="noise must have shape"):
+        flow.inference(
+            torch.tensor([[1, 2, 3]]), torch.tensor([3]), **_inputs(config), noise=torch.zeros(1, 80, 5)
+        )
