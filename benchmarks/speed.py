@@ -51,11 +51,18 @@ def ours_t3(folder: Path, preset: str, tokens: int, device: str) -> dict[str, ob
     g = torch.Generator(device=model.device).manual_seed(0)
     sampling = SamplingSettings()
 
-    def run(n: int) -> float:
+    def run(n: int, graph: bool = True) -> float:
         _sync()
         t = time.perf_counter()
         out = model.t3.generate(
-            text, conds.t3, max_new_tokens=n, cfg_weight=0.5, sampling=sampling, generator=g, ignore_stop=True
+            text,
+            conds.t3,
+            max_new_tokens=n,
+            cfg_weight=0.5,
+            sampling=sampling,
+            generator=g,
+            ignore_stop=True,
+            cuda_graph=graph,
         )
         _sync()
         assert out.numel() == n, out.numel()
@@ -66,6 +73,7 @@ def ours_t3(folder: Path, preset: str, tokens: int, device: str) -> dict[str, ob
     seconds = run(tokens)
     result: dict[str, object] = {
         "preset": model.preset,
+        "decode_mode": model.t3.last_decode_mode,
         "dtype": str(model.dtype),
         "tokens": tokens,
         "seconds": round(seconds, 3),
@@ -73,6 +81,8 @@ def ours_t3(folder: Path, preset: str, tokens: int, device: str) -> dict[str, ob
     }
     if torch.cuda.is_available():
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+        eager_n = min(tokens, 200)
+        result["eager_tokens_per_s"] = round(eager_n / run(eager_n, graph=False), 1)
 
     # S3Gen: tokens -> 10 s of 24 kHz audio (250 tokens), per flow-step count.
     speech = torch.randint(0, 6561, (1, 250), generator=torch.Generator().manual_seed(1)).to(model.device)
@@ -85,8 +95,6 @@ def ours_t3(folder: Path, preset: str, tokens: int, device: str) -> dict[str, ob
         _sync()
         rtf[str(steps)] = round((time.perf_counter() - t) / (wav.shape[-1] / 24_000), 4)
     result["s3gen_rtf_by_flow_steps"] = rtf
-    del model
-    service._free_cuda()
     return result
 
 
@@ -129,7 +137,7 @@ def reference_t3(folder: Path, tokens: int, device: str) -> dict[str, object]:
     }
     if torch.cuda.is_available():
         result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-    del t3
+    t3.cpu()
 
     s3 = RefS3Gen()
     s3.load_state_dict(load_file(str(folder / "s3gen.safetensors")), strict=False)
@@ -164,6 +172,7 @@ def main() -> None:
     }
     for preset in args.presets.split(","):
         out["ours"][preset] = ours_t3(folder, preset, args.tokens, args.device)  # type: ignore[index]
+        service._free_cuda()
         print(json.dumps({preset: out["ours"][preset]}), file=sys.stderr)  # type: ignore[index]
     if args.reference_site:
         sys.path.insert(0, args.reference_site)

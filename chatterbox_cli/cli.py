@@ -7,12 +7,13 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import typer
 
 from chatterbox_cli import __version__, vram
-from chatterbox_cli.errors import ChatterboxError, ExitCode
+from chatterbox_cli.checkpoint import DEFAULT_REPO as DEFAULT_MODEL
+from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
 
 app = typer.Typer(
     name="chatterbox",
@@ -113,6 +114,318 @@ def probe_vram(
         if not json_out:
             typer.echo(f"error: {report.error}", err=True)
         raise typer.Exit(int(ExitCode.FAILED))
+
+
+# --------------------------------------------------------------------------------------------------
+# synthesize / estimate
+
+_MODEL_HELP = "Model hub repo id or a local checkpoint folder."
+_PANEL_VOICE = "Voice and sampling"
+_PANEL_MODEL = "Model and device"
+_PANEL_OUTPUT = "Output"
+
+
+@app.command()
+def synthesize(
+    text: Annotated[
+        str | None, typer.Argument(help="Text to speak; - reads it from stdin.", show_default=False)
+    ] = None,
+    input_file: Annotated[
+        str | None,
+        typer.Option("--input", "-i", help="UTF-8 text file to speak (- for stdin).", show_default=False),
+    ] = None,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="WAV file, streamed in place (partial audio survives); - writes WAV to stdout.",
+            rich_help_panel=_PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    output_dir: Annotated[
+        str | None,
+        typer.Option(
+            "--output-dir",
+            help="Batch mode: one numbered WAV per item plus manifest.jsonl; a rerun continues.",
+            rich_help_panel=_PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    split: Annotated[
+        Literal["lines", "paragraphs"] | None,
+        typer.Option(
+            "--split",
+            help="Batch items: lines (the default) or paragraphs.",
+            rich_help_panel=_PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Batch mode: redo items already done.", rich_help_panel=_PANEL_OUTPUT),
+    ] = False,
+    audio_format: Annotated[
+        Literal["wav"], typer.Option("--format", help="Audio file format.", rich_help_panel=_PANEL_OUTPUT)
+    ] = "wav",
+    subtype: Annotated[
+        Literal["PCM_16", "FLOAT"],
+        typer.Option(
+            "--subtype",
+            help="Sample format: 16-bit PCM or 32-bit float.",
+            rich_help_panel=_PANEL_OUTPUT,
+        ),
+    ] = "PCM_16",
+    voice: Annotated[
+        str | None,
+        typer.Option(
+            "--voice",
+            help="Reference clip (WAV/FLAC/...; prepared once, cached) or a saved .voice file. "
+            "Default: the checkpoint's built-in voice.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
+    save_voice: Annotated[
+        str | None,
+        typer.Option(
+            "--save-voice",
+            help="Also write the prepared voice to this .voice file.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
+    exaggeration: Annotated[
+        float, typer.Option(help="Emotion exaggeration (0.5 neutral).", rich_help_panel=_PANEL_VOICE)
+    ] = 0.5,
+    cfg_weight: Annotated[
+        float,
+        typer.Option(help="Classifier-free guidance weight (0 turns it off).", rich_help_panel=_PANEL_VOICE),
+    ] = 0.5,
+    temperature: Annotated[
+        float, typer.Option(help="Sampling temperature (0 = greedy).", rich_help_panel=_PANEL_VOICE)
+    ] = 0.8,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=_PANEL_VOICE)] = 1.0,
+    min_p: Annotated[
+        float,
+        typer.Option(help="Drop tokens below this fraction of the top one.", rich_help_panel=_PANEL_VOICE),
+    ] = 0.05,
+    repetition_penalty: Annotated[
+        float, typer.Option(help="Penalty for repeated speech tokens.", rich_help_panel=_PANEL_VOICE)
+    ] = 1.2,
+    seed: Annotated[
+        int | None,
+        typer.Option(help="Seed for reproducible audio (default: random).", rich_help_panel=_PANEL_VOICE),
+    ] = None,
+    flow_steps: Annotated[
+        int, typer.Option(help="Flow-matching (Euler) steps of S3Gen.", rich_help_panel=_PANEL_VOICE)
+    ] = 10,
+    max_tokens: Annotated[
+        int,
+        typer.Option(help="Speech tokens per chunk at most (25 per second).", rich_help_panel=_PANEL_VOICE),
+    ] = 1000,
+    pause: Annotated[
+        float, typer.Option(help="Seconds of silence between chunks.", rich_help_panel=_PANEL_VOICE)
+    ] = 0.1,
+    model: Annotated[str, typer.Option(help=_MODEL_HELP, rich_help_panel=_PANEL_MODEL)] = DEFAULT_MODEL,
+    revision: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub revision (branch, tag or commit).", rich_help_panel=_PANEL_MODEL, show_default=False
+        ),
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto, cpu, cuda or cuda:N.", rich_help_panel=_PANEL_MODEL)
+    ] = "auto",
+    preset: Annotated[
+        str, typer.Option(help="auto, fp16, bnb-8bit or bnb-4bit.", rich_help_panel=_PANEL_MODEL)
+    ] = "auto",
+    plan: Annotated[
+        str | None,
+        typer.Option(
+            help="Per-component overrides, e.g. t3=nf4,flow=int8.",
+            rich_help_panel=_PANEL_MODEL,
+            show_default=False,
+        ),
+    ] = None,
+    no_fallback: Annotated[
+        bool,
+        typer.Option(
+            "--no-fallback",
+            help="On GPU out-of-memory exit 4 instead of stepping down.",
+            rich_help_panel=_PANEL_MODEL,
+        ),
+    ] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="Never download the checkpoint.", rich_help_panel=_PANEL_MODEL)
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings on stderr.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON summary on stdout at the end (schema in README).")
+    ] = False,
+) -> None:
+    """Speak text into a WAV file, stdout, or one WAV per line/paragraph (batch)."""
+    with json_errors(json_out):
+        if json_out and output == "-":
+            raise UsageError("--json and -o - both write to stdout; write the audio to a file instead")
+        from chatterbox_cli.jobs import SynthesizeJob, run_synthesize
+        from chatterbox_cli.pipeline import SynthesisSettings
+        from chatterbox_cli.service import LoadRequest
+
+        settings = SynthesisSettings(
+            exaggeration=exaggeration,
+            cfg_weight=cfg_weight,
+            temperature=temperature,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+            flow_steps=flow_steps,
+            max_tokens=max_tokens,
+            pause_seconds=pause,
+        )
+        request = LoadRequest(
+            model=model,
+            revision=revision,
+            device=device,
+            preset=preset,
+            plan=plan,
+            max_tokens=max_tokens,
+            cfg_weight=cfg_weight,
+            allow_download=not offline,
+            fallback=not no_fallback,
+        )
+        job = SynthesizeJob(
+            text=text,
+            input_file=input_file,
+            output=output,
+            output_dir=output_dir,
+            split=split,
+            settings=settings,
+            load=request,
+            voice=voice,
+            save_voice=save_voice,
+            subtype=subtype,
+            force=force,
+            quiet=quiet,
+        )
+        summary = run_synthesize(job)
+    if json_out:
+        emit_json(summary)
+
+
+@app.command()
+def estimate(
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
+    ] = None,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Estimate one preset (fp16, bnb-8bit, bnb-4bit); default: all.", show_default=False
+        ),
+    ] = None,
+    all_presets: Annotated[bool, typer.Option("--all", help="Estimate every available preset.")] = False,
+    plan: Annotated[
+        str | None, typer.Option(help="Per-component overrides, e.g. t3=nf4,flow=int8.", show_default=False)
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="Speech tokens per utterance.")] = 1000,
+    batch: Annotated[int, typer.Option(help="Utterances decoded at once.")] = 1,
+    cfg_weight: Annotated[float, typer.Option(help="Guidance weight (0: no unconditional row).")] = 0.5,
+    device: Annotated[
+        str, typer.Option(help="GPU to check the free memory of: auto, cuda or cuda:N.")
+    ] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (schema in README).")
+    ] = False,
+) -> None:
+    """GPU memory each preset needs (weights, KV cache, workspace, CUDA context) against free VRAM.
+
+    Reads only the checkpoint's safetensors headers: nothing is loaded.
+    """
+    with json_errors(json_out):
+        if preset is not None and all_presets:
+            raise UsageError("give --preset P or --all, not both")
+        from chatterbox_cli.jobs import estimate_report
+        from chatterbox_cli.service import LoadRequest
+
+        request = LoadRequest(
+            model=model,
+            revision=revision,
+            device=device,
+            plan=plan,
+            max_tokens=max_tokens,
+            batch=batch,
+            cfg_weight=cfg_weight,
+            allow_download=not offline,
+        )
+        report = estimate_report(request, preset)
+    if json_out:
+        emit_json(report.to_dict())
+    else:
+        _print_estimate(report, rich=use_rich())
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+def _print_estimate(report: Any, rich: bool) -> None:
+    rows = []
+    for name, est in report.presets.items():
+        comps = est.components
+        fits = {True: "yes", False: "no", None: "-"}[est.fits]
+        rows.append(
+            (
+                name,
+                _size(comps["t3"].weights_bytes),
+                _size(comps["s3gen"].weights_bytes),
+                _size(comps["voice_encoder"].weights_bytes),
+                _size(est.kv_cache_bytes),
+                _size(est.workspace_bytes),
+                _size(est.cuda_context_bytes),
+                _size(est.margin_bytes),
+                _size(est.total_bytes),
+                fits,
+            )
+        )
+    header = (
+        "preset",
+        "T3",
+        "S3Gen",
+        "voice prep",
+        "KV cache",
+        "workspace",
+        "CUDA ctx",
+        "margin",
+        "total",
+        "fits",
+    )
+    if report.free_bytes is None:
+        verdict = "no NVIDIA GPU found: estimates only; synthesize would run on the CPU"
+    else:
+        verdict = report.reason or f"{vram.gib(report.free_bytes)} free"
+    if rich:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=verdict)
+        for col in header:
+            table.add_column(col, justify="left" if col == "preset" else "right", no_wrap=True)
+        for row in rows:
+            table.add_row(*row)
+        Console().print(table)
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    for line in (header, *rows):
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        typer.echo("  ".join(cells))
+    typer.echo(verdict)
 
 
 def _exit_code(code: object) -> int:

@@ -51,3 +51,11 @@ def child_env(**overrides: str) -> dict[str, str]:
 @pytest.fixture
 def make_child_env() -> Callable[..., dict[str, str]]:
     return child_env
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random checkpoint folder in the official layout (written once per test session)."""
+    from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint
+
+    return str(write_random_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "tiny", seed=0))

@@ -323,3 +323,27 @@ def test_parity_greedy_decoding(parity_model: T3, fixture) -> None:  # noqa: ANN
         fx["text_tokens"], _fixture_cond(fx), max_new_tokens=n, cfg_weight=w, sampling=settings
     )
     assert tokens.tolist() == fx["decode2_tokens"].tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cfg_weight", [0.0, 0.5])
+def test_cuda_graph_decoding_equals_eager_decoding(model: T3, cfg_weight: float) -> None:
+    gpu = T3(model.config)
+    gpu.load_state_dict(model.state_dict())
+    gpu = gpu.to("cuda").eval()
+    text = torch.tensor([[255, 10, 20, 30, 0]])
+    cond = tiny_cond().to("cuda")
+
+    def decode(graph: bool) -> torch.Tensor:
+        g = torch.Generator(device="cuda").manual_seed(7)
+        out = gpu.generate(
+            text, cond, max_new_tokens=40, cfg_weight=cfg_weight, generator=g, cuda_graph=graph
+        )
+        return out.cpu()
+
+    eager = decode(False)
+    assert gpu.last_decode_mode == "eager"
+    graphed = decode(True)
+    assert gpu.last_decode_mode == "cuda-graph"
+    assert torch.equal(graphed, eager)

@@ -375,6 +375,64 @@ def combine_cfg(logits: Tensor, cfg_weight: float) -> Tensor:
     return cond + cfg_weight * (cond - uncond)
 
 
+STOP_CHECK_EVERY = 16  # decode steps between host reads of the stop token
+
+
+class DecodeStep:
+    """One decode step (a sampled speech token in, next speech logits out) with static shapes.
+
+    The token, its positions and the KV cache live in fixed buffers, so on CUDA the whole step through the
+    30-layer backbone can be captured once per utterance and replayed: one launch per token instead of
+    hundreds, which is what makes batch-1 decoding GPU-bound rather than host-bound.
+    """
+
+    def __init__(self, model: T3, rows: int, capacity: int) -> None:
+        self.model = model
+        self.rows = rows
+        device = model.device
+        self.cache = KVCache(model.config, rows, capacity, device, model.dtype)
+        self.token = torch.zeros(1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.speech_position = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: Tensor | None = None
+        self.mode = "eager"
+
+    def _run(self) -> Tensor:
+        m = self.model
+        embeds = m.speech_emb(self.token[:, None]) + m.speech_pos_emb.emb.weight[self.speech_position]
+        return m.step_logits(embeds.expand(self.rows, -1, -1), self.cache, self.position)
+
+    def capture(self) -> None:
+        """Record the step as a CUDA graph (all layers must be capturable: no host syncs)."""
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up outside the graph: lazy init, workspace allocation
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._run()
+        self.mode = "cuda-graph"
+
+    def start(self, prompt_len: int) -> None:
+        """After the prefill: the first generated token sits at `prompt_len`, speech position 1."""
+        self.position.fill_(prompt_len)
+        self.speech_position.fill_(1)
+
+    def __call__(self, token: Tensor) -> Tensor:
+        self.token.copy_(token)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._run()
+        self.position += 1
+        self.speech_position += 1
+        return logits
+
+
 class T3(nn.Module):
     def __init__(self, config: T3Config | None = None) -> None:
         super().__init__()
@@ -389,6 +447,7 @@ class T3(nn.Module):
         self.speech_pos_emb = LearnedPositions(config.speech_positions, dim)
         self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
+        self.last_decode_mode = "none"  # how the last generate() ran its steps: eager or cuda-graph
 
     @property
     def device(self) -> torch.device:
@@ -509,12 +568,14 @@ class T3(nn.Module):
         sampling: SamplingSettings | None = None,
         generator: torch.Generator | None = None,
         ignore_stop: bool = False,
+        cuda_graph: bool = True,
     ) -> Tensor:
         """Decode speech tokens for one text. Returns LongTensor [n] without start/stop tokens.
 
         cfg_weight > 0 runs a conditional and an unconditional row; cfg_weight == 0 runs only the
         conditional row (half the KV cache). With `ignore_stop` the stop token is never sampled and exactly
-        `max_new_tokens` tokens come back.
+        `max_new_tokens` tokens come back. On CUDA the per-token step replays a captured CUDA graph unless
+        `cuda_graph` is False (`last_decode_mode` says which ran).
         """
         sampling = sampling or SamplingSettings()
         cfg = self.config
@@ -532,14 +593,16 @@ class T3(nn.Module):
 
         prompt = self.prompt_embeds(tokens, cond, rows)
         prompt_len = prompt.shape[1]
-        cache = KVCache(cfg, rows, prompt_len + max_new_tokens, device, self.dtype)
-        logits = self.step_logits(prompt, cache, torch.arange(prompt_len, device=device))
+        step = DecodeStep(self, rows, prompt_len + max_new_tokens)
+        if cuda_graph and device.type == "cuda":
+            step.capture()
+        self.last_decode_mode = step.mode
+        logits = self.step_logits(prompt, step.cache, torch.arange(prompt_len, device=device))
+        step.start(prompt_len)
 
         out = torch.empty(max_new_tokens, dtype=torch.long, device=device)
         seen = torch.zeros(1, cfg.speech_vocab_size, dtype=torch.bool, device=device)
         seen[0, cfg.start_speech_token] = True
-        position = torch.tensor([prompt_len], device=device)
-        speech_position = torch.tensor(1, device=device)
         n = max_new_tokens
         for i in range(max_new_tokens):
             if rows == 2:
@@ -549,16 +612,24 @@ class T3(nn.Module):
                 logits[:, cfg.stop_speech_token] = float("-inf")
             token = choose_next_token(logits, seen, sampling, generator)  # [1]
             out[i] = token[0]
-            if not ignore_stop and int(token) == cfg.stop_speech_token:
-                n = i
+            # The host looks for the stop token only every STOP_CHECK_EVERY tokens, so the GPU never waits
+            # for the CPU in between; the few tokens decoded past a stop are cut below.
+            window = out[i + 1 - STOP_CHECK_EVERY : i + 1]
+            if (
+                not ignore_stop
+                and (i + 1) % STOP_CHECK_EVERY == 0
+                and bool((window == cfg.stop_speech_token).any())
+            ):
+                n = i + 1
                 break
             if i == max_new_tokens - 1:
                 break
             seen.scatter_(1, token[:, None], True)
-            embeds = self.speech_emb(token[:, None]) + self.speech_pos_emb.emb.weight[speech_position]
-            logits = self.step_logits(embeds.expand(rows, -1, -1), cache, position)
-            position += 1
-            speech_position += 1
+            logits = step(token)
+        if not ignore_stop:
+            stops = (out[:n] == cfg.stop_speech_token).nonzero()
+            if stops.numel():
+                n = int(stops[0, 0])
         return out[:n].clone()
 
 

@@ -1,0 +1,564 @@
+"""One `chatterbox synthesize` run: read the text, load the model, speak into one WAV or one WAV per item.
+
+The command line only builds a `SynthesizeJob` and calls `run_synthesize`. Everything the user can get
+wrong is checked before the model loads (sources, output paths), so mistakes fail in a second.
+
+Nothing written is lost: a single output is streamed in place and is a valid WAV after every chunk; batch
+items are written as `.NNNN.wav.part`, renamed when complete, then recorded in `manifest.jsonl`. Ctrl-C
+stops after the write in progress (SIGINT is held back while a chunk is being written), keeps what was
+written and exits 130 with a message saying what was kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+from rich.markup import escape
+
+from chatterbox_cli import __version__
+from chatterbox_cli.audio import StreamingWavWriter, Subtype, join_pause
+from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, pending, settings_hash
+from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
+from chatterbox_cli.progress import Progress, stderr_is_terminal
+from chatterbox_cli.text import decode_text, read_text_file, split_items
+
+if TYPE_CHECKING:
+    # These pull in torch and the models: imported when a run starts, so `chatterbox --help` stays fast.
+    from chatterbox_cli.estimate import EstimateReport
+    from chatterbox_cli.models.conds import Conditionals
+    from chatterbox_cli.pipeline import SynthesisSettings
+    from chatterbox_cli.service import LoadedModel, LoadRequest
+
+SplitMode = Literal["lines", "paragraphs"]
+VOICE_SUFFIX = ".voice"
+SAMPLE_RATE = 24_000
+
+
+class Interrupted(ChatterboxError):
+    exit_code = ExitCode.INTERRUPTED
+
+
+@dataclass(frozen=True)
+class SynthesizeJob:
+    text: str | None  # the TEXT argument; "-" reads stdin
+    input_file: str | None  # --input; "-" reads stdin
+    output: str | None  # -o: a path, or "-" for stdout
+    output_dir: str | None  # --output-dir (batch)
+    split: SplitMode | None
+    settings: SynthesisSettings
+    load: LoadRequest
+    voice: str | None = None
+    save_voice: str | None = None
+    subtype: Subtype = "PCM_16"
+    force: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class _Run:
+    """What a run has produced so far; becomes the summary (also of an interrupted run)."""
+
+    files: list[dict[str, object]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.perf_counter)
+    load_s: float = 0.0
+    voice_s: float = 0.0
+    first_chunk_s: float | None = None
+    synth_started: float | None = None
+    t3_s: float = 0.0
+    s3gen_s: float = 0.0
+    audio_s: float = 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Interrupts
+
+
+class _HoldInterrupts:
+    """SIGINT raises KeyboardInterrupt as usual, except inside `critical()`, where it waits for the end.
+
+    Writing a chunk, renaming a finished item and appending its manifest line are critical: an interrupt
+    in their middle would leave the header sizes or the manifest one step behind the data.
+    """
+
+    def __init__(self) -> None:
+        self._inside = False
+        self._pending = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self._inside:
+            self._pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[_HoldInterrupts]:
+        try:
+            previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread: leave signals alone
+            yield self
+            return
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def critical(self) -> Iterator[None]:
+        self._inside = True
+        try:
+            yield
+        finally:
+            self._inside = False
+        if self._pending:
+            self._pending = False
+            raise KeyboardInterrupt
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks before anything is loaded
+
+
+def _check_options(job: SynthesizeJob) -> None:
+    if job.text is not None and job.input_file is not None:
+        raise UsageError("give the text either as an argument or with --input, not both")
+    if job.text is None and job.input_file is None:
+        raise UsageError(
+            'give the text to speak: chatterbox synthesize "Hello." -o hello.wav (or - for stdin)'
+        )
+    if job.output is None and job.output_dir is None:
+        raise UsageError(
+            "say where the audio goes: -o out.wav, -o - for stdout, or --output-dir DIR --split lines"
+        )
+    if job.output is not None and job.output_dir is not None:
+        raise UsageError("-o writes one file and --output-dir one file per item; give one of them")
+    if job.split is not None and job.output_dir is None:
+        raise UsageError("--split needs --output-dir (one WAV per item goes into that folder)")
+    if job.force and job.output_dir is None:
+        raise UsageError("--force applies to --output-dir runs (it redoes items already done)")
+    if job.save_voice is not None and not job.save_voice.endswith(VOICE_SUFFIX):
+        raise UsageError(f"--save-voice must name a file ending in {VOICE_SUFFIX}, got {job.save_voice}")
+    if job.output == "-" and sys.stdout.isatty():
+        raise UsageError(
+            "-o - writes binary audio to stdout, which is a terminal here; "
+            "pipe it (| play -) or redirect it (> out.wav)"
+        )
+    if job.voice is not None and not Path(job.voice).is_file():
+        raise UsageError(f"{job.voice} does not exist; check the path given to --voice")
+
+
+def _check_output_file(path: str) -> None:
+    if path == "-":
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"-o {path} is a folder; give a file name such as {target / 'speech.wav'}")
+    parent = target.parent
+    if not parent.is_dir():
+        what = "is not a folder" if parent.exists() else "does not exist"
+        raise UsageError(f"cannot write {path}: {parent} {what}; create the folder or choose another path")
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"cannot write {path}: the folder {parent} is not writable; choose another path")
+
+
+def _prepare_output_dir(path: str) -> Path:
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:
+        raise UsageError(f"--output-dir {path} is a file, not a folder; choose a folder") from e
+    except OSError as e:
+        raise UsageError(
+            f"cannot create the folder {path} ({e.strerror or e}); choose a writable location"
+        ) from e
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"the folder {path} is not writable; choose another --output-dir")
+    return folder
+
+
+def _read_source(job: SynthesizeJob) -> str:
+    source = job.input_file if job.input_file is not None else job.text
+    assert source is not None
+    if source == "-":
+        if sys.stdin is None:
+            raise UsageError("no stdin to read the text from; give the text as an argument or --input FILE")
+        return decode_text(sys.stdin.buffer.read(), "stdin")
+    if job.input_file is not None:
+        return read_text_file(job.input_file)
+    return source
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+
+
+def _file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
+    """Do the run; return the summary (what `--json` prints). Errors are ChatterboxErrors."""
+    _check_options(job)
+    text = _read_source(job)
+    if not text.strip():
+        raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
+    items: list[BatchItem] | None = None
+    out_dir: Path | None = None
+    if job.output_dir is not None:
+        items = make_items(split_items(text, job.split or "lines"))
+        out_dir = _prepare_output_dir(job.output_dir)
+    else:
+        assert job.output is not None
+        _check_output_file(job.output)
+    if job.save_voice is not None:
+        _check_output_file(job.save_voice)
+
+    run = _Run()
+    progress = Progress(enabled=not job.quiet and stderr_is_terminal())
+    holder = _HoldInterrupts()
+
+    def notify(message: str) -> None:
+        run.notes.append(message)
+        progress.message(message)
+
+    def warn(message: str) -> None:
+        run.warnings.append(message)
+        if progress.enabled:
+            progress.console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False)
+        elif not job.quiet:
+            print(f"warning: {message}", file=sys.stderr, flush=True)
+
+    with holder.installed(), progress:
+        try:
+            return _Runner(job, run, progress, holder, notify, warn).execute(text, items, out_dir)
+        except KeyboardInterrupt:
+            progress.close()
+            raise Interrupted(_interrupted_message(job, run)) from None
+
+
+def _interrupted_message(job: SynthesizeJob, run: _Run) -> str:
+    if job.output_dir is not None:
+        done = sum(1 for f in run.files if not f.get("skipped"))
+        return (
+            f"interrupted: {done} item(s) finished in {job.output_dir} this run and are kept "
+            f"({run.audio_s:.1f} s of audio); run the same command again to continue"
+        )
+    if run.files and run.files[0]["frames"]:
+        where = "stdout" if job.output == "-" else job.output
+        f = run.files[0]
+        return (
+            f"interrupted: kept {where} with {f['duration_s']:.1f} s of audio "
+            f"({f['chunks']} of {f['chunks_total']} chunks); it is a valid WAV"
+        )
+    return "interrupted before any audio was written"
+
+
+class _Runner:
+    """The state of one run once the model is loaded."""
+
+    def __init__(
+        self,
+        job: SynthesizeJob,
+        run: _Run,
+        progress: Progress,
+        holder: _HoldInterrupts,
+        notify: Callable[[str], None],
+        warn: Callable[[str], None],
+    ) -> None:
+        self.job, self.run, self.progress, self.holder = job, run, progress, holder
+        self.notify, self.warn = notify, warn
+        self.request: LoadRequest = job.load
+        self.settings: SynthesisSettings = job.settings.with_seed()  # one seed for the run, OOM step-down too
+
+    def execute(self, text: str, items: list[BatchItem] | None, out_dir: Path | None) -> dict[str, object]:
+        from chatterbox_cli import service
+
+        job, run = self.job, self.run
+        started = time.perf_counter()
+        self.model: LoadedModel = service.load(self.request, self.notify)
+        run.load_s = time.perf_counter() - started
+
+        # Text problems show before the voice is prepared.
+        digest = None
+        work: list[tuple[BatchItem | None, list[str]]]
+        if items is None:
+            work = [(None, self.chunks_of(text))]
+        else:
+            assert out_dir is not None
+            digest = settings_hash(self.hash_inputs())
+            todo = pending(items, out_dir, digest, job.force)
+            for item in items:
+                if item not in todo:
+                    run.files.append(_file_entry(out_dir / item.filename, item))
+            if len(todo) < len(items):
+                self.notify(
+                    f"{len(items) - len(todo)} of {len(items)} item(s) already done in {out_dir}; skipped"
+                )
+            work = []
+            for item in todo:
+                try:
+                    work.append((item, self.chunks_of(item.text)))
+                except UsageError as e:  # an item with nothing speakable becomes a short silence
+                    self.warn(f"item {item.index} ({item.filename}): {e}; writing silence")
+                    work.append((item, []))
+
+        started = time.perf_counter()
+        self.conds: Conditionals = service.voice(
+            self.model, job.voice, self.settings.exaggeration, self.notify
+        )
+        run.voice_s = time.perf_counter() - started
+        if job.save_voice is not None:
+            self.save_voice(job.save_voice)
+
+        self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))
+        run.synth_started = time.perf_counter()
+        for item, chunks in work:
+            if item is None:
+                assert job.output is not None
+                self.speak_into(job.output, chunks, self.settings, None)
+            else:
+                assert out_dir is not None and digest is not None
+                self.speak_item(item, chunks, digest, out_dir)
+            self.progress.item_done()
+        self.progress.close()
+        summary = self.summary(digest, out_dir)
+        rtf = summary["timings"]["rtf"]  # type: ignore[index]
+        where = job.output_dir or ("stdout" if job.output == "-" else job.output)
+        self.progress.message(
+            f"wrote {where}: {run.audio_s:.1f} s of audio" + (f", RTF {rtf:.2f}" if rtf is not None else "")
+        )
+        return summary
+
+    def chunks_of(self, text: str) -> list[str]:
+        from chatterbox_cli import pipeline
+
+        chunks, dropped = pipeline.prepare_chunks(self.model.tokenizer, text, self.settings.chunk_tokens)
+        new = [c for c in dropped if c not in self.run.dropped]
+        if new:
+            self.run.dropped.extend(new)
+            self.warn(
+                f"dropped {len(new)} character(s) the English model has no tokens for: "
+                f"{pipeline.describe_chars(new)}"
+            )
+        return chunks
+
+    def hash_inputs(self) -> dict[str, object]:
+        """Everything that changes an item's audio or file, for the settings hash. The run's own random
+        seed is left out: without --seed, finished items count as done whatever seed made them."""
+        job = self.job
+        values = job.settings.to_dict()
+        values.update(
+            model=job.load.model,
+            revision=job.load.revision or self.model.checkpoint.revision,
+            preset=job.load.preset,
+            plan=job.load.plan,
+            voice="builtin" if job.voice is None else _file_digest(job.voice),
+            subtype=job.subtype,
+        )
+        return values
+
+    def speak_into(
+        self, sink: str | Path, chunks: list[str], settings: SynthesisSettings, item: BatchItem | None
+    ) -> dict[str, object]:
+        """Stream `chunks` into one WAV at `sink`; returns (and records in run.files) its entry."""
+        from chatterbox_cli import service
+
+        run, holder = self.run, self.holder
+        pause = join_pause(SAMPLE_RATE, settings.pause_seconds)
+        entry: dict[str, object] = {
+            "path": str(sink) if item is None else str(Path(sink).parent / item.filename),
+            "frames": 0,
+            "duration_s": 0.0,
+            "chunks": 0,
+            "chunks_total": len(chunks),
+            "seed": settings.seed,
+        }
+        if item is not None:
+            entry["text"] = item.text
+        run.files.append(entry)
+        with holder.critical():
+            writer = StreamingWavWriter(sink, SAMPLE_RATE, self.job.subtype)
+        try:
+            if not chunks:
+                with holder.critical():
+                    writer.write(pause)
+            spoken = service.speak(self.model, self.request, chunks, self.conds, settings, self.notify)
+            for done, chunk in enumerate(spoken, start=1):
+                audio = chunk.audio if chunk.index == 0 else np.concatenate([pause, chunk.audio])
+                with holder.critical():
+                    writer.write(audio)
+                if run.first_chunk_s is None:
+                    run.first_chunk_s = time.perf_counter() - run.started
+                run.t3_s += chunk.t3_s
+                run.s3gen_s += chunk.s3gen_s
+                run.audio_s += audio.shape[0] / SAMPLE_RATE
+                entry.update(
+                    frames=writer.frames_written, duration_s=round(writer.seconds_written, 3), chunks=done
+                )
+                self.progress.chunk_done(len(chunk.text), audio.shape[0] / SAMPLE_RATE)
+        finally:
+            writer.close()
+        return entry
+
+    def speak_item(self, item: BatchItem, chunks: list[str], digest: str, out_dir: Path) -> None:
+        settings = self.settings.for_item(item.index)
+        part = partial_path(out_dir, item)
+        try:
+            entry = self.speak_into(part, chunks, settings, item)
+        except BaseException:
+            part.unlink(missing_ok=True)  # a rerun redoes the item; no half file is left behind
+            self.run.files.pop()
+            raise
+        final = out_dir / item.filename
+        manifest = Manifest(out_dir)
+        with self.holder.critical():
+            try:
+                os.replace(part, final)
+            except OSError as e:
+                raise ChatterboxError(f"cannot rename {part} to {final}: {e.strerror or e}") from e
+            try:
+                manifest.append(
+                    {
+                        "file": item.filename,
+                        "text": item.text,
+                        "frames": entry["frames"],
+                        "duration": entry["duration_s"],
+                        "chunks": entry["chunks"],
+                        "preset": self.model.preset,
+                        "device": str(self.model.device),
+                        "seed": settings.seed,
+                        "settings_hash": digest,
+                    }
+                )
+            except OSError as e:
+                raise ChatterboxError(
+                    f"cannot append to {manifest.path}: {e.strerror or e}; free some space and run again"
+                ) from e
+
+    def save_voice(self, path: str) -> None:
+        import torch
+
+        from chatterbox_cli.models.conds import save_voice
+
+        job = self.job
+        metadata = {
+            "source_name": Path(job.voice).name if job.voice else "built-in voice",
+            "exaggeration": f"{self.settings.exaggeration:g}",
+            "model": job.load.model,
+            "created_by": f"chatterbox-cli {__version__}",
+        }
+        if job.voice:
+            metadata["source_sha256"] = _file_digest(job.voice)
+        try:
+            save_voice(path, self.conds.to("cpu", torch.float32), metadata)
+        except OSError as e:
+            raise ChatterboxError(f"cannot write the voice file {path}: {e.strerror or e}") from e
+        self.notify(f"saved the voice to {path}")
+
+    def summary(self, digest: str | None, out_dir: Path | None) -> dict[str, object]:
+        job, run, model = self.job, self.run, self.model
+        now = time.perf_counter()
+        synthesis_s = now - run.synth_started if run.synth_started is not None else 0.0
+        made = [f for f in run.files if not f.get("skipped")]
+        summary: dict[str, object] = {
+            "files": run.files,
+            "audio_seconds": round(run.audio_s, 3),
+            "preset": model.preset,
+            "device": str(model.device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "voice": job.voice or "builtin",
+            "seed": self.settings.seed,
+            "settings": self.settings.to_dict(),
+            "dropped_chars": run.dropped,
+            "warnings": run.warnings,
+            "notes": run.notes,
+            "timings": {
+                "load_s": round(run.load_s, 3),
+                "voice_s": round(run.voice_s, 3),
+                "first_chunk_s": None if run.first_chunk_s is None else round(run.first_chunk_s, 3),
+                "t3_s": round(run.t3_s, 3),
+                "s3gen_s": round(run.s3gen_s, 3),
+                "synthesis_s": round(synthesis_s, 3),
+                "total_s": round(now - run.started, 3),
+                "rtf": round(synthesis_s / run.audio_s, 4) if run.audio_s > 0 else None,
+            },
+        }
+        if out_dir is not None:
+            summary.update(
+                output_dir=str(out_dir),
+                manifest=str(Manifest(out_dir).path),
+                settings_hash=digest,
+                items={"total": len(run.files), "made": len(made), "skipped": len(run.files) - len(made)},
+            )
+        if job.save_voice is not None:
+            summary["saved_voice"] = job.save_voice
+        return summary
+
+
+def _file_entry(path: Path, item: BatchItem) -> dict[str, object]:
+    """The summary entry of an item a previous run finished."""
+    import soundfile as sf
+
+    info = sf.info(str(path))
+    return {
+        "path": str(path),
+        "text": item.text,
+        "frames": info.frames,
+        "duration_s": round(info.frames / info.samplerate, 3),
+        "skipped": True,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# estimate
+
+
+def _nvml_index(device: str) -> int | None:
+    """The GPU whose free memory `--device` means; None for the CPU."""
+    if device == "cpu":
+        return None
+    if device in ("auto", "cuda"):
+        return 0
+    prefix, _, index = device.partition(":")
+    if prefix != "cuda" or not index.isdigit():
+        raise UsageError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return int(index)
+
+
+def estimate_report(request: LoadRequest, preset: str | None) -> EstimateReport:
+    """`chatterbox estimate`: resolve the checkpoint (headers only), read NVML's free memory, estimate
+    `preset` (None: every available preset) and say which preset `--preset auto` would pick."""
+    from chatterbox_cli import estimate, presets, service, vram
+
+    overrides = presets.parse_plan_spec(request.plan) if request.plan else None
+    if preset is not None:
+        presets.get_preset(preset)  # unknown or unavailable presets are usage errors
+    checkpoint = service.resolve(request)
+    index = _nvml_index(request.device)
+    free = None if index is None else vram.free_bytes(index)
+    return estimate.estimate(
+        checkpoint.folder,
+        preset or "all",
+        max_tokens=request.max_tokens,
+        batch=request.batch,
+        cfg_weight=request.cfg_weight,
+        free_bytes=free,
+        overrides=overrides,
+    )

@@ -1,0 +1,236 @@
+"""Text chunks in, audio chunks out: tokenize, decode speech tokens with T3, render them with S3Gen.
+
+`synthesize` is a generator, so a caller can write each chunk while the next one is computed. Every
+chunk is seeded from the run's seed and the chunk's index alone, so a run that resumes at chunk k (after
+an interruption or an out-of-memory step-down) produces the same audio for k, k+1, ... as an unbroken run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from chatterbox_cli.audio import fade_edges, join_pause
+from chatterbox_cli.errors import UsageError
+from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, Conditionals
+from chatterbox_cli.models.s3gen import S3Gen
+from chatterbox_cli.models.sampling import SamplingSettings
+from chatterbox_cli.models.t3 import T3
+from chatterbox_cli.models.tokenizer import EnTokenizer
+from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chars_in_vocab, chunk_text, normalize, strip_unspeakable
+
+SAMPLE_RATE = 24_000
+MAX_SEED = 2**63 - 1
+
+
+class SpeechModel(Protocol):
+    """What the pipeline needs of a loaded model (service.LoadedModel provides it)."""
+
+    t3: T3
+    s3gen: S3Gen
+    tokenizer: EnTokenizer
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """Everything that changes the audio of a text. Defaults are the reference's English defaults."""
+
+    exaggeration: float = 0.5
+    cfg_weight: float = 0.5
+    temperature: float = 0.8
+    top_p: float = 1.0
+    min_p: float = 0.05
+    repetition_penalty: float = 1.2
+    seed: int | None = None  # None: a random seed per run (see `with_seed`)
+    flow_steps: int = 10
+    max_tokens: int = 1000  # speech tokens per chunk (25 per second of audio)
+    pause_seconds: float = 0.1  # silence between chunks
+    chunk_tokens: int = DEFAULT_MAX_TOKENS  # text tokens per chunk at most
+
+    def __post_init__(self) -> None:
+        self.sampling()  # validates temperature, top_p, min_p and repetition_penalty
+        if not 0.0 <= self.exaggeration <= 10.0:
+            raise UsageError(
+                f"--exaggeration must be between 0 and 10 (0.5 is neutral), got {self.exaggeration}"
+            )
+        if not self.cfg_weight >= 0.0:
+            raise UsageError(f"--cfg-weight must be >= 0 (0 turns guidance off), got {self.cfg_weight}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if not 1 <= self.flow_steps <= 100:
+            raise UsageError(
+                f"--flow-steps must be between 1 and 100 (10 is the default), got {self.flow_steps}"
+            )
+        if self.max_tokens < 1:
+            raise UsageError(
+                f"--max-tokens must be >= 1 (1000 is about 40 s of speech), got {self.max_tokens}"
+            )
+        if not 0.0 <= self.pause_seconds <= 10.0:
+            raise UsageError(f"--pause must be between 0 and 10 seconds, got {self.pause_seconds}")
+        if self.chunk_tokens < 8:
+            raise UsageError(f"chunk_tokens must be >= 8, got {self.chunk_tokens}")
+
+    def sampling(self) -> SamplingSettings:
+        return SamplingSettings(
+            temperature=self.temperature,
+            min_p=self.min_p,
+            top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty,
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain values for JSON output and the batch settings hash (seed None means "any seed")."""
+        return asdict(self)
+
+    def with_seed(self) -> SynthesisSettings:
+        """These settings with a concrete seed: the given one, or a fresh random one."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbelow(MAX_SEED))
+
+    def for_item(self, index: int) -> SynthesisSettings:
+        """Settings for batch item `index`: its own seed, derived from this run's seed and the index."""
+        base = self.with_seed()
+        return replace(base, seed=derive_seed(base.seed, "item", index))
+
+
+def derive_seed(seed: int | None, *keys: object) -> int:
+    """A 63-bit seed that depends only on `seed` and `keys` (stable across runs, platforms and versions)."""
+    material = "/".join(str(k) for k in (seed, *keys)).encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "little") & MAX_SEED
+
+
+@dataclass
+class AudioChunk:
+    index: int
+    text: str  # the chunk as the user wrote it
+    audio: np.ndarray = field(repr=False)  # float32 [n], mono
+    sample_rate: int
+    speech_tokens: int  # valid speech tokens T3 produced
+    dropped_chars: list[str]  # characters of this chunk the tokenizer has no token for
+    seed: int
+    t3_s: float
+    s3gen_s: float
+
+    @property
+    def seconds(self) -> float:
+        return self.audio.shape[0] / self.sample_rate
+
+
+# --------------------------------------------------------------------------------------------------
+# Text preparation
+
+
+def prepare_chunks(
+    tokenizer: EnTokenizer, text: str, chunk_tokens: int = DEFAULT_MAX_TOKENS
+) -> tuple[list[str], list[str]]:
+    """Chunks of `text` for `synthesize`, and the characters removed because the vocabulary lacks them.
+
+    Raises UsageError when nothing speakable is left.
+    """
+    kept, dropped = strip_unspeakable(text, chars_in_vocab(tokenizer.tokenizer.get_vocab()))
+    try:
+        chunks = chunk_text(kept, chunk_tokens, count_tokens=lambda piece: len(tokenizer.encode(piece)))
+    except UsageError as e:
+        if dropped:
+            raise UsageError(
+                f"no text to speak: the English model has no tokens for any of its letters "
+                f"(dropped: {describe_chars(dropped)}); give English text"
+            ) from e
+        raise
+    return chunks, dropped
+
+
+def describe_chars(chars: Sequence[str], limit: int = 12) -> str:
+    """'😀 (U+1F600), я (U+044F)' for a list of characters, shortened after `limit`."""
+    shown = ", ".join(f"{c} (U+{ord(c):04X})" for c in chars[:limit])
+    more = len(chars) - limit
+    return shown + (f" and {more} more" if more > 0 else "")
+
+
+def _text_tokens(tokenizer: EnTokenizer, chunk: str) -> tuple[torch.Tensor, list[str]]:
+    """Start/stop-wrapped token ids of the normalized chunk, without characters that would become [UNK]."""
+    normalized = normalize(chunk)
+    report = tokenizer.encode_report(normalized)
+    dropped = [*report.unknown_chars, *[c for c in report.dropped_chars if not c.isspace()]]
+    if report.unknown_chars:
+        unknown = set(report.unknown_chars)
+        normalized = " ".join("".join(c for c in normalized if c not in unknown).split())
+    return tokenizer.text_to_tokens(normalized), dropped
+
+
+# --------------------------------------------------------------------------------------------------
+# Synthesis
+
+
+def synthesize(
+    model: SpeechModel,
+    chunks: Sequence[str],
+    conds: Conditionals,
+    settings: SynthesisSettings,
+    *,
+    first_index: int = 0,
+) -> Iterator[AudioChunk]:
+    """Yield one AudioChunk per chunk, in order, each as soon as it is made.
+
+    `first_index` is the index of `chunks[0]` in the whole text: a run resumed at chunk k passes the
+    chunks from k on and `first_index=k`, and gets the seeds, hence the audio, of an unbroken run.
+    `settings.seed` None draws one random seed for this call; pass `settings.with_seed()` to reproduce
+    or to resume. A chunk for which T3 produces no speech tokens becomes `pause_seconds` of silence.
+    """
+    settings = settings.with_seed()
+    t3, s3gen, device = model.t3, model.s3gen, model.device
+    limit = t3.config.speech_positions - 1
+    if settings.max_tokens > limit:
+        raise UsageError(f"--max-tokens {settings.max_tokens} is more than this model allows ({limit})")
+    sampling = settings.sampling()
+    t3_cond = conds.t3.to(device)
+    t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
+    gen_cond = conds.gen.to(device, model.dtype)
+    generator = torch.Generator(device=device)
+    text_limit = t3.config.text_positions
+
+    for index, chunk in enumerate(chunks, start=first_index):
+        tokens, dropped = _text_tokens(model.tokenizer, chunk)
+        if tokens.numel() > text_limit:
+            raise UsageError(
+                f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's {text_limit}; "
+                "cut the text into shorter sentences"
+            )
+        seed = derive_seed(settings.seed, "chunk", index)
+
+        started = time.perf_counter()
+        generator.manual_seed(seed)
+        speech = t3.generate(
+            tokens,
+            t3_cond,
+            max_new_tokens=settings.max_tokens,
+            cfg_weight=settings.cfg_weight,
+            sampling=sampling,
+            generator=generator,
+        )
+        speech = speech[speech < S3_CODEBOOK_SIZE]
+        n_tokens = int(speech.numel())  # a host sync: the T3 time below is complete
+        t3_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        if n_tokens == 0:
+            audio = join_pause(SAMPLE_RATE, settings.pause_seconds)
+        else:
+            wav = s3gen.synthesize(
+                speech[None], gen_cond, n_timesteps=settings.flow_steps, generator=generator
+            )
+            audio = fade_edges(wav[0].detach().to("cpu", torch.float32).numpy(), SAMPLE_RATE)
+        s3gen_s = time.perf_counter() - started
+        yield AudioChunk(index, chunk, audio, SAMPLE_RATE, n_tokens, dropped, seed, t3_s, s3gen_s)

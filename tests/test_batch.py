@@ -1,0 +1,195 @@
+"""Batch conversion: manifest bookkeeping, and `synthesize --output-dir` runs, reruns, --force and redo."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from chatterbox_cli.batch import (
+    MANIFEST_NAME,
+    BatchItem,
+    Manifest,
+    is_done,
+    make_items,
+    partial_path,
+    pending,
+    settings_hash,
+)
+from chatterbox_cli.cli import run
+
+FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2")
+LINES = "First line to speak.\nSecond line, a little longer.\n\n   \nThird and last line.\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Bookkeeping
+
+
+def test_items_are_numbered_from_one() -> None:
+    items = make_items(["a", "b"])
+    assert items == [BatchItem(1, "a"), BatchItem(2, "b")]
+    assert items[1].filename == "0002.wav"
+    assert partial_path(Path("out"), items[1]) == Path("out/.0002.wav.part")
+
+
+def test_settings_hash_is_stable_and_order_free() -> None:
+    a = settings_hash({"temperature": 0.8, "seed": None, "voice": "builtin"})
+    assert a == settings_hash({"voice": "builtin", "seed": None, "temperature": 0.8})
+    assert a != settings_hash({"temperature": 0.7, "seed": None, "voice": "builtin"})
+    assert len(a) == 16 and int(a, 16) >= 0
+
+
+def _write_item(folder: Path, item: BatchItem, frames: int, digest: str, text: str | None = None) -> None:
+    sf.write(folder / item.filename, np.zeros(frames, dtype=np.float32), 24_000)
+    Manifest(folder).append(
+        {"file": item.filename, "text": text or item.text, "frames": frames, "settings_hash": digest}
+    )
+
+
+def test_done_means_wav_text_settings_and_frames_all_match(tmp_path: Path) -> None:
+    items = make_items(["one", "two", "three", "four"])
+    _write_item(tmp_path, items[0], 100, "h")
+    _write_item(tmp_path, items[1], 100, "other-hash")
+    _write_item(tmp_path, items[2], 100, "h", text="edited since")
+    _write_item(tmp_path, items[3], 100, "h")
+    sf.write(tmp_path / items[3].filename, np.zeros(50, dtype=np.float32), 24_000)  # WAV cut short
+    entries = Manifest(tmp_path).entries()
+    assert [is_done(it, tmp_path, entries.get(it.filename), "h") for it in items] == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert pending(items, tmp_path, "h", force=False) == items[1:]
+    assert pending(items, tmp_path, "h", force=True) == items
+
+
+def test_manifest_tolerates_a_line_cut_by_a_kill_and_last_line_wins(tmp_path: Path) -> None:
+    item = make_items(["x"])[0]
+    _write_item(tmp_path, item, 10, "old")
+    _write_item(tmp_path, item, 10, "new")
+    with (tmp_path / MANIFEST_NAME).open("a") as f:
+        f.write('{"file": "0002.wav", "te')
+    entries = Manifest(tmp_path).entries()
+    assert set(entries) == {"0001.wav"} and entries["0001.wav"]["settings_hash"] == "new"
+
+
+# --------------------------------------------------------------------------------------------------
+# The command
+
+
+@pytest.fixture
+def batch(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, dict, str]]:
+    def call(*args: str) -> tuple[int, dict, str]:
+        capsys.readouterr()
+        code = run(["synthesize", *args, "--model", tiny_checkpoint, "--json", *FAST])
+        out, err = capsys.readouterr()
+        return code, json.loads(out), err
+
+    return call
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / MANIFEST_NAME).read_text().splitlines()]
+
+
+def test_lines_batch_rerun_force_and_changed_settings(
+    batch: Callable[..., tuple[int, dict, str]], tmp_path: Path
+) -> None:
+    book, out = tmp_path / "book.txt", tmp_path / "out"
+    book.write_text(LINES)
+    code, doc, err = batch("--input", str(book), "--output-dir", str(out), "--split", "lines", "--seed", "3")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == ["0001.wav", "0002.wav", "0003.wav", MANIFEST_NAME]
+    lines = _manifest(out)
+    assert [m["file"] for m in lines] == ["0001.wav", "0002.wav", "0003.wav"]
+    assert [m["text"] for m in lines] == [
+        "First line to speak.",
+        "Second line, a little longer.",
+        "Third and last line.",
+    ]
+    for m in lines:
+        assert set(m) >= {"file", "text", "frames", "duration", "preset", "seed", "settings_hash"}
+        info = sf.info(str(out / m["file"]))
+        assert info.frames == m["frames"] and m["duration"] == pytest.approx(info.frames / 24_000, abs=1e-3)
+        assert m["preset"] == "fp32" and m["settings_hash"] == doc["settings_hash"]
+    assert len({m["seed"] for m in lines}) == 3
+    assert doc["items"] == {"total": 3, "made": 3, "skipped": 0}
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")}
+
+    # rerun: everything is done, nothing is rewritten
+    code, doc, _ = batch("--input", str(book), "--output-dir", str(out), "--split", "lines", "--seed", "3")
+    assert code == 0 and doc["items"] == {"total": 3, "made": 0, "skipped": 3}
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.wav")} == stamps
+    assert len(_manifest(out)) == 3
+
+    # one line edited: only that item is redone
+    book.write_text(LINES.replace("Second line", "Second, edited line"))
+    code, doc, _ = batch("--input", str(book), "--output-dir", str(out), "--split", "lines", "--seed", "3")
+    assert doc["items"] == {"total": 3, "made": 1, "skipped": 2}
+    assert [f["path"].endswith("0002.wav") for f in doc["files"] if not f.get("skipped")] == [True]
+
+    # --force redoes everything, with the same seeds (hence the same audio)
+    before = (out / "0001.wav").read_bytes()
+    code, doc, _ = batch(
+        "--input", str(book), "--output-dir", str(out), "--split", "lines", "--seed", "3", "--force"
+    )
+    assert doc["items"]["made"] == 3 and (out / "0001.wav").read_bytes() == before
+
+    # changed settings: everything is redone
+    code, doc, _ = batch(
+        "--input",
+        str(book),
+        "--output-dir",
+        str(out),
+        "--split",
+        "lines",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.5",
+    )
+    assert doc["items"]["made"] == 3
+    assert {m["settings_hash"] for m in _manifest(out)[-3:]} == {doc["settings_hash"]}
+    assert not list(out.glob(".*.part"))
+
+
+def test_without_a_seed_finished_items_still_count_as_done(
+    batch: Callable[..., tuple[int, dict, str]], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert batch("One.\nTwo.", "--output-dir", str(out))[1]["items"]["made"] == 2
+    assert batch("One.\nTwo.", "--output-dir", str(out))[1]["items"]["skipped"] == 2
+
+
+def test_paragraphs_batch_and_a_stale_part_file(
+    batch: Callable[..., tuple[int, dict, str]], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".0001.wav.part").write_bytes(b"RIFF left by a killed run")
+    text = "A first paragraph,\nwrapped over two lines.\n\nThe second paragraph.\n\n\nA third 😀 one."
+    code, doc, err = batch(text, "--output-dir", str(out), "--split", "paragraphs")
+    assert code == 0, err
+    assert [m["text"] for m in _manifest(out)] == [
+        "A first paragraph, wrapped over two lines.",
+        "The second paragraph.",
+        "A third 😀 one.",
+    ]
+    assert doc["dropped_chars"] == ["😀"]
+    assert not (out / ".0001.wav.part").exists() and sf.info(str(out / "0001.wav")).frames > 0
+
+
+def test_an_item_with_nothing_speakable_becomes_silence(
+    batch: Callable[..., tuple[int, dict, str]], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    code, doc, err = batch("Words.\n😀😀\nMore words.", "--output-dir", str(out), "--pause", "0.2")
+    assert code == 0 and "item 2 (0002.wav)" in err and "writing silence" in err
+    data, _ = sf.read(str(out / "0002.wav"))
+    assert data.shape == (4800,) and not data.any()
