@@ -154,7 +154,6 @@ def run_one(args: argparse.Namespace) -> dict:
     import torch
 
     torch.manual_seed(0)
-    from chatterbox_cli.checkpoint import safetensors_header
     from chatterbox_cli.estimate import (
         EstimateReport,
         choose,
@@ -163,7 +162,6 @@ def run_one(args: argparse.Namespace) -> dict:
         read_headers,
     )
     from chatterbox_cli.presets import preset_names, sixteen_bit_dtype
-    from chatterbox_cli.quantize import load_quantized, plans_for_file, quantize_module, verify_quantized
 
     folder = Path(args.checkpoint)
     device = torch.device(args.device)
@@ -208,36 +206,27 @@ def run_one(args: argparse.Namespace) -> dict:
     res["dtype"] = str(dtype)
     models: dict = {}
 
-    def load_t3(stage: dict) -> None:
-        from chatterbox_cli.models.loading import infer_t3_config
-        from chatterbox_cli.models.t3 import T3
+    # The service's own loaders (fused projections, flow in fp16, HiFT in fp32), without the quant cache.
+    from chatterbox_cli import service
 
-        path = folder / "t3_cfg.safetensors"
-        config = infer_t3_config(safetensors_header(path))
-        with torch.device("meta"):
-            t3 = T3(config)
-        plans = plans_for_file(plan, "t3_cfg.safetensors")
-        load_quantized(t3, path, plans, device, dtype)
-        q = verify_quantized(t3, plans, device=device)
-        stage.update(
-            quantized_layers=q.quantized_layers,
-            quantized_bytes=q.quantized_bytes,
-            expected_bytes=q.expected_bytes,
-        )
+    decision = service.Decision(device, preset, dtype, "benchmark", None, None)
+
+    def record(stage: dict, q) -> None:  # noqa: ANN001
+        if q is not None:
+            stage.update(
+                quantized_layers=q.quantized_layers,
+                quantized_bytes=q.quantized_bytes,
+                expected_bytes=q.expected_bytes,
+            )
+
+    def load_t3(stage: dict) -> None:
+        t3, q, _ = service._load_t3(folder / "t3_cfg.safetensors", decision, plan, False, print)
+        record(stage, q)
         models["t3"] = t3
 
     def load_s3gen(stage: dict) -> None:
-        from chatterbox_cli.models.s3gen import S3Gen
-
-        s3 = S3Gen.load(folder / "s3gen.safetensors", device=device, dtype=dtype)
-        plans = plans_for_file(plan, "s3gen.safetensors")
-        quantize_module(s3.flow, plans, device, dtype, prefix="flow.")
-        q = verify_quantized(s3.flow, plans, device=device, prefix="flow.")
-        stage.update(
-            quantized_layers=q.quantized_layers,
-            quantized_bytes=q.quantized_bytes,
-            expected_bytes=q.expected_bytes,
-        )
+        s3, q, _ = service._load_s3gen(folder / "s3gen.safetensors", decision, plan, False, print)
+        record(stage, q)
         models["s3gen"] = s3
 
     def load_conds(stage: dict) -> None:

@@ -43,58 +43,222 @@ def ensure_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def ours_t3(folder: Path, preset: str, tokens: int, device: str) -> dict[str, object]:
+def _profile(run) -> dict[str, float]:  # noqa: ANN001
+    """GPU kernels per decoded token and their summed time, from torch.profiler over run(n)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n = 32
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        wall = run(n)
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.device_time for e in kernels) / 1e3  # ms
+    names: dict[str, int] = {}
+    for e in kernels:
+        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+    return {
+        "top_kernels_per_token": {name: round(count / n, 1) for name, count in top},
+        "kernels_per_token": round(len(kernels) / n, 1),
+        "gpu_busy_ms_per_token": round(busy / n, 3),
+        "wall_ms_per_token_under_profiler": round(wall * 1e3 / n, 3),
+    }
+
+
+def ours_t3(
+    folder: Path, preset: str, tokens: int, device: str, modes: list[str], batches: list[int]
+) -> dict[str, object]:
     request = service.LoadRequest(model=str(folder), preset=preset, device=device, max_tokens=tokens)
     model = service.load(request)
     conds = service.voice(model, None, 0.5)
     text = model.tokenizer.text_to_tokens(SENTENCE)[None].to(model.device)
-    g = torch.Generator(device=model.device).manual_seed(0)
     sampling = SamplingSettings()
 
-    def run(n: int, graph: bool = True) -> float:
+    def run(n: int, mode: str = "cuda-graph", batch: int = 1) -> float:
+        gens = [torch.Generator(device=model.device).manual_seed(i) for i in range(batch)]
         _sync()
         t = time.perf_counter()
-        out = model.t3.generate(
-            text,
+        out = model.t3.generate_batch(
+            [text] * batch,
             conds.t3,
             max_new_tokens=n,
             cfg_weight=0.5,
             sampling=sampling,
-            generator=g,
+            generators=gens,
             ignore_stop=True,
-            cuda_graph=graph,
+            cuda_graph=mode != "eager",
+            compiled=mode == "compile-reduce-overhead",
         )
         _sync()
-        assert out.numel() == n, out.numel()
+        assert all(o.numel() == n for o in out), [o.numel() for o in out]
         return time.perf_counter() - t
 
-    run(32)  # warm-up: kernels, allocator, graph capture where used
-    torch.cuda.reset_peak_memory_stats() if torch.cuda.is_available() else None
-    seconds = run(tokens)
-    result: dict[str, object] = {
-        "preset": model.preset,
-        "decode_mode": model.t3.last_decode_mode,
-        "dtype": str(model.dtype),
-        "tokens": tokens,
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(tokens / seconds, 1),
-    }
-    if torch.cuda.is_available():
-        result["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
-        eager_n = min(tokens, 200)
-        result["eager_tokens_per_s"] = round(eager_n / run(eager_n, graph=False), 1)
+    result: dict[str, object] = {"preset": model.preset, "dtype": str(model.dtype), "tokens": tokens}
+    per_mode: dict[str, object] = {}
+    for mode in modes:
+        n = min(tokens, 200) if mode == "eager" else tokens
+        t = time.perf_counter()
+        run(32, mode)  # warm-up: kernels, allocator, graph capture, compilation
+        warmup = time.perf_counter() - t
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        seconds = run(n, mode)
+        per_mode[mode] = {
+            "decode_mode": model.t3.last_decode_mode,
+            "tokens": n,
+            "seconds": round(seconds, 3),
+            "tokens_per_s": round(n / seconds, 1),
+            "first_call_s": round(warmup, 2),
+        }
+        if torch.cuda.is_available():
+            per_mode[mode]["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()  # type: ignore[index]
+            if mode in ("eager", "cuda-graph"):
+                per_mode[mode]["profile"] = _profile(lambda k, m=mode: run(k, m))  # type: ignore[index]
+        print(json.dumps({preset: {mode: per_mode[mode]}}), file=sys.stderr)
+    result["modes"] = per_mode
+    if "cuda-graph" in per_mode:
+        result["tokens_per_s"] = per_mode["cuda-graph"]["tokens_per_s"]  # type: ignore[index]
+
+    # Several texts decoded together: total tokens/s over the batch (rows = batch x 2 with CFG).
+    n = min(tokens, 500)
+    by_batch = {}
+    for batch in batches:
+        run(16, batch=batch)
+        seconds = run(n, batch=batch)
+        by_batch[str(batch)] = {"tokens_per_s": round(batch * n / seconds, 1), "tokens_each": n}
+    result["batched"] = by_batch
 
     # S3Gen: tokens -> 10 s of 24 kHz audio (250 tokens), per flow-step count.
     speech = torch.randint(0, 6561, (1, 250), generator=torch.Generator().manual_seed(1)).to(model.device)
     rtf = {}
     for steps in (10, 6, 4):
-        model.s3gen.synthesize(speech[:, :50], conds.gen, n_timesteps=steps)  # warm-up
+        model.s3gen.synthesize(speech, conds.gen, n_timesteps=steps)  # warm-up at the measured length
         _sync()
         t = time.perf_counter()
         wav = model.s3gen.synthesize(speech, conds.gen, n_timesteps=steps)
         _sync()
         rtf[str(steps)] = round((time.perf_counter() - t) / (wav.shape[-1] / 24_000), 4)
     result["s3gen_rtf_by_flow_steps"] = rtf
+    return result
+
+
+PASSAGE = (
+    "Every morning the old lighthouse keeper climbed the narrow stairs, counted the ships on the grey "
+    "horizon, and wrote their names in a book that nobody else would ever read. "
+    "When the storms came in winter, he kept the lamp burning through the night and listened to the "
+    "wind as it searched the stones for a way inside. "
+)
+TOKENS_PER_WORD = 10  # 150 words a minute at 25 speech tokens a second
+
+
+def text_of(words: int) -> str:
+    passage = PASSAGE.split()
+    return " ".join(passage[i % len(passage)] for i in range(words))
+
+
+def end_to_end(folder: Path, device: str, flow_steps: int, sizes: dict[str, int]) -> dict[str, object]:
+    """Text in, audio chunks out, through the service and the pipeline as `synthesize` runs them.
+
+    Random weights never sample the stop token, so each chunk decodes TOKENS_PER_WORD speech tokens per
+    word (the length real speech would have). RTF = wall time / audio seconds; time to first audio counts
+    from the call until the first chunk is in hand (model and voice loaded before).
+    """
+    from chatterbox_cli import pipeline
+
+    request = service.LoadRequest(model=str(folder), device=device, batch=0)
+    model = service.load(request)
+    conds = service.voice(model, None, 0.5)
+    settings = pipeline.SynthesisSettings(seed=0, flow_steps=flow_steps)
+    out: dict[str, object] = {"preset": model.preset, "flow_steps": flow_steps}
+
+    def length(chunk: str) -> int:
+        return max(1, len(chunk.split()) * TOKENS_PER_WORD)
+
+    warm = pipeline.prepare_chunks(model.tokenizer, text_of(40))[0]
+    list(pipeline.synthesize(model, warm, conds, settings, batch_size=2, fixed_length=length))
+    for name, words in sizes.items():
+        chunks, _ = pipeline.prepare_chunks(model.tokenizer, text_of(words))
+        batch, why = service.batch_size(model, request, len(chunks))
+        _sync()
+        start = time.perf_counter()
+        first = None
+        audio = t3_s = s3gen_s = 0.0
+        for chunk in pipeline.synthesize(
+            model, chunks, conds, settings, batch_size=batch, fixed_length=length
+        ):
+            first = first or time.perf_counter() - start
+            audio += chunk.seconds
+            t3_s += chunk.t3_s
+            s3gen_s += chunk.s3gen_s
+        wall = time.perf_counter() - start
+        out[name] = {
+            "words": words,
+            "chunks": len(chunks),
+            "batch": batch,
+            "audio_s": round(audio, 1),
+            "wall_s": round(wall, 2),
+            "rtf": round(wall / audio, 4),
+            "t3_share": round(t3_s / wall, 2),
+            "s3gen_share": round(s3gen_s / wall, 2),
+            "first_audio_s": round(first or 0.0, 3),
+        }
+        print(json.dumps({name: out[name], "why": why}), file=sys.stderr)
+    return out
+
+
+def _stft_mag(wav: torch.Tensor) -> torch.Tensor:
+    window = torch.hann_window(1024, device=wav.device)
+    return torch.stft(wav.float(), 1024, 256, window=window, return_complex=True).abs()
+
+
+def s3gen_checks(folder: Path, device: str) -> dict[str, object]:
+    """S3Gen in fp16 and bf16 against fp32 on the same noise (flow: mel; HiFT: waveform and STFT
+    magnitude from the fp32 mel), and torch.compile of the flow estimator."""
+    from chatterbox_cli.models.s3gen import S3Gen
+
+    speech = torch.randint(0, 6561, (1, 250), generator=torch.Generator().manual_seed(1)).to(device)
+    model = service.load(service.LoadRequest(model=str(folder), device=device, preset="fp16"))
+    conds = service.voice(model, None, 0.5)
+    n_frames = 2 * (conds.gen.prompt_token.shape[1] + speech.shape[1])
+    noise = torch.randn(1, 80, n_frames, generator=torch.Generator().manual_seed(2)).to(device)
+    ref = S3Gen.load(folder / "s3gen.safetensors", device, torch.float32)
+    mel32 = ref.tokens_to_mel(speech, conds.gen.to(device, torch.float32), noise=noise)
+    wav32 = ref.mel_to_wav(mel32, torch.Generator(device).manual_seed(3))
+    del ref
+    result: dict[str, object] = {"preset_dtype": str(model.dtype)}
+    for dtype in (torch.float16, torch.bfloat16):
+        s3 = S3Gen.load(folder / "s3gen.safetensors", device, dtype)
+        s3.mel2wav.to_inference_dtype(dtype)
+        mel = s3.tokens_to_mel(speech, conds.gen.to(device, dtype), noise=noise).float()
+        wav = s3.mel_to_wav(mel32.to(dtype), torch.Generator(device).manual_seed(3)).float()
+        mag, mag32 = _stft_mag(wav), _stft_mag(wav32)
+        result[str(dtype).removeprefix("torch.")] = {
+            "mel_rel_err": round(float((mel - mel32).norm() / mel32.norm()), 5),
+            "mel_max_abs_err": round(float((mel - mel32).abs().max()), 4),
+            "hift_wav_rel_err": round(float((wav - wav32).norm() / wav32.norm()), 5),
+            "hift_stft_mag_rel_err": round(float((mag - mag32).norm() / mag32.norm()), 5),
+            "finite": bool(torch.isfinite(mel).all() and torch.isfinite(wav).all()),
+        }
+        del s3
+
+    def rtf() -> float:
+        model.s3gen.synthesize(speech, conds.gen)  # warm-up at the measured length
+        _sync()
+        t = time.perf_counter()
+        wav = model.s3gen.synthesize(speech, conds.gen)
+        _sync()
+        return round((time.perf_counter() - t) / (wav.shape[-1] / 24_000), 4)
+
+    result["rtf_eager"] = rtf()
+    decoder = model.s3gen.flow.decoder
+    eager = decoder.estimator
+    decoder.estimator = torch.compile(eager, dynamic=True)
+    t = time.perf_counter()
+    try:
+        result["rtf_compiled_estimator"] = rtf()
+    except Exception as e:  # noqa: BLE001 - a benchmark reports what failed and goes on
+        result["rtf_compiled_estimator"] = f"failed: {type(e).__name__}: {e}"[:300]
+    result["compile_and_first_runs_s"] = round(time.perf_counter() - t, 1)
+    decoder.estimator = eager
     return result
 
 
@@ -158,7 +322,12 @@ def main() -> None:
     ap.add_argument("--checkpoint", type=Path, default=Path("/tmp/chatterbox-full"))
     ap.add_argument("--tokens", type=int, default=1000)
     ap.add_argument("--presets", default="fp16,bnb-8bit,bnb-4bit")
+    ap.add_argument("--modes", default="eager,cuda-graph,compile-reduce-overhead", help="fp16 decode modes")
+    ap.add_argument("--batches", default="1,4,8,16", help="texts decoded together (fp16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--e2e", default="sentence:15,paragraph:300,book:6000", help="name:words,... ('' skips)")
+    ap.add_argument("--flow-steps", default="10,6", help="flow-step counts for the end-to-end runs")
+    ap.add_argument("--s3gen-checks", action="store_true", help="16-bit parity and compiled estimator")
     ap.add_argument("--reference-site", default=None, help="folder holding chatterbox-tts and its deps")
     args = ap.parse_args()
     folder = ensure_checkpoint(args.checkpoint)
@@ -170,25 +339,43 @@ def main() -> None:
         "tokens": args.tokens,
         "ours": {},
     }
-    for preset in args.presets.split(","):
-        out["ours"][preset] = ours_t3(folder, preset, args.tokens, args.device)  # type: ignore[index]
-        service._free_cuda()
-        print(json.dumps({preset: out["ours"][preset]}), file=sys.stderr)  # type: ignore[index]
+
+    def save() -> None:  # after every section, so a run cut short keeps what it measured
+        if os.environ.get("OUT"):
+            Path(os.environ["OUT"], "speed.json").write_text(json.dumps(out, indent=2))
+
     if args.reference_site:
         sys.path.insert(0, args.reference_site)
         out["reference"] = reference_t3(folder, args.tokens, args.device)
-        ref = out["reference"]["tokens_per_s"]  # type: ignore[index]
-        out["ratios_vs_reference_fp32"] = {
-            p: round(r["tokens_per_s"] / ref, 2)
-            for p, r in out["ours"].items()  # type: ignore[union-attr]
-        }
-    ours = out["ours"]
-    if "fp16" in ours and "bnb-4bit" in ours:  # type: ignore[operator]
-        out["bnb4_vs_fp16"] = round(ours["bnb-4bit"]["tokens_per_s"] / ours["fp16"]["tokens_per_s"], 2)  # type: ignore[index]
-    text = json.dumps(out, indent=2)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "speed.json").write_text(text)
+        out["ratios_vs_reference_fp32"] = {}
+        service._free_cuda()
+        save()
+    ours: dict[str, dict] = out["ours"]  # type: ignore[assignment]
+    for preset in filter(None, args.presets.split(",")):
+        fp16 = preset == "fp16"
+        modes = args.modes.split(",") if fp16 else ["cuda-graph"]
+        batches = [int(b) for b in args.batches.split(",")] if fp16 and args.batches else []
+        ours[preset] = ours_t3(folder, preset, args.tokens, args.device, modes, batches)
+        service._free_cuda()
+        if args.reference_site:
+            ratio = ours[preset]["tokens_per_s"] / out["reference"]["tokens_per_s"]  # type: ignore[index]
+            out["ratios_vs_reference_fp32"][preset] = round(ratio, 2)  # type: ignore[index]
+        if "fp16" in ours and "bnb-4bit" in ours:
+            out["bnb4_vs_fp16"] = round(ours["bnb-4bit"]["tokens_per_s"] / ours["fp16"]["tokens_per_s"], 2)
+        print(json.dumps({preset: ours[preset]}), file=sys.stderr)
+        save()
+    if args.e2e:
+        sizes = {name: int(words) for name, words in (p.split(":") for p in args.e2e.split(","))}
+        out["end_to_end"] = {}
+        for n in args.flow_steps.split(","):
+            out["end_to_end"][f"flow_steps_{n}"] = end_to_end(folder, args.device, int(n), sizes)  # type: ignore[index]
+            service._free_cuda()
+            save()
+    if args.s3gen_checks:
+        out["s3gen"] = s3gen_checks(folder, args.device)
+        service._free_cuda()
+    save()
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

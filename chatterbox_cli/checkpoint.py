@@ -84,6 +84,10 @@ CheckpointSource = Literal["local", "hub-cache", "download"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
 
 
+class NotDownloadedError(CheckpointError):
+    """A hub checkpoint that is not (fully) in the hub cache and may not be downloaded now."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     folder: Path
@@ -258,11 +262,11 @@ def resolve_checkpoint(
     if model != DEFAULT_REPO and "/" in model:
         not_cached += f", and there is no folder {model}"
     if not allow_download:
-        raise CheckpointError(
+        raise NotDownloadedError(
             f"{not_cached}; downloading was not allowed. " + _how_to_get(repo_id, revision, missing)
         )
     if hub_offline():
-        raise CheckpointError(
+        raise NotDownloadedError(
             f"{not_cached}, and HF_HUB_OFFLINE is set, so it cannot be downloaded (unset HF_HUB_OFFLINE to "
             "allow that). " + _how_to_get(repo_id, revision, missing)
         )

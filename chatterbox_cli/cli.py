@@ -7,13 +7,16 @@ import json
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from typing import Annotated, Any, Literal, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 
 from chatterbox_cli import __version__, vram
 from chatterbox_cli.checkpoint import DEFAULT_REPO as DEFAULT_MODEL
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
+
+if TYPE_CHECKING:
+    from chatterbox_cli.jobs import ProbeReport
 
 app = typer.Typer(
     name="chatterbox",
@@ -68,17 +71,30 @@ def _root(
     """Resemble AI's Chatterbox text-to-speech on small GPUs and CPUs."""
 
 
-def _print_vram_rich(report: vram.VramReport) -> None:
+def _pick_label(preset: str | None) -> str:
+    from chatterbox_cli.service import CPU_PRESET
+
+    if preset is None:
+        return "-"
+    return "CPU" if preset == CPU_PRESET else preset
+
+
+def _print_vram_rich(probe: ProbeReport) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
+    report = probe.vram
     console = Console()
     if report.gpus:
         table = Table(
             title=f"NVIDIA driver {report.driver_version} · CUDA driver {report.cuda_driver_version}",
         )
-        for col in ("GPU", "name", "compute cap.", "total", "used", "free"):
-            table.add_column(col, justify="left" if col == "name" else "right", no_wrap=True)
+        for col in ("GPU", "name", "compute cap.", "total", "used", "free", "would pick"):
+            # Only the name wraps, so narrow terminals keep every number whole.
+            table.add_column(
+                col, justify="left" if col in ("name", "would pick") else "right", no_wrap=col != "name"
+            )
         for g in report.gpus:
             table.add_row(
                 str(g.index),
@@ -87,8 +103,15 @@ def _print_vram_rich(report: vram.VramReport) -> None:
                 vram.gib(g.total_bytes),
                 vram.gib(g.used_bytes),
                 f"[bold]{vram.gib(g.free_bytes)}[/bold]",
+                _pick_label(probe.picks.get(g.index, (None, ""))[0]),
             )
         console.print(table)
+        for index, (_, reason) in probe.picks.items():
+            console.print(f"GPU {index}: {escape(reason)}", highlight=False)
+        if probe.would_pick_reason:
+            console.print(
+                f"[yellow]would pick -: {escape(probe.would_pick_reason)}[/yellow]", highlight=False
+            )
     elif report.error is None:
         reason = f" ({report.no_gpu_reason})" if report.no_gpu_reason else ""
         console.print(f"[yellow]{vram.CPU_FALLBACK_NOTE}[/yellow]{reason}", highlight=False)
@@ -96,20 +119,40 @@ def _print_vram_rich(report: vram.VramReport) -> None:
     console.print(f"[{style}]{vram.bitsandbytes_line(report)}[/{style}]", highlight=False)
 
 
+def _format_probe_plain(probe: ProbeReport) -> str:
+    notes = {g.index: "would pick: -" for g in probe.vram.gpus}
+    for index, (preset, reason) in probe.picks.items():
+        notes[index] = f"would pick: {_pick_label(preset)} ({reason})"
+    text = vram.format_plain(probe.vram, notes)
+    if probe.vram.gpus and probe.would_pick_reason:
+        text += f"\nwould pick -: {probe.would_pick_reason}"
+    return text
+
+
 @app.command("probe-vram")
 def probe_vram(
+    model: Annotated[
+        str, typer.Option(help="Model hub repo id or local checkpoint folder (never downloaded here).")
+    ] = DEFAULT_MODEL,
+    max_tokens: Annotated[int, typer.Option(help="Speech tokens per utterance, for the pick.")] = 1000,
     json_out: Annotated[
         bool, typer.Option("--json", help="Print one JSON object (schema in README).")
     ] = False,
 ) -> None:
-    """List NVIDIA GPUs with total/used/free memory, driver, compute capability, and bitsandbytes."""
-    report = vram.probe()
+    """List NVIDIA GPUs with total/used/free memory, driver, compute capability, bitsandbytes, and the
+    preset `--preset auto` would pick on each GPU for the model."""
+    with json_errors(json_out):
+        from chatterbox_cli.jobs import probe_report
+        from chatterbox_cli.service import LoadRequest
+
+        probe = probe_report(LoadRequest(model=model, max_tokens=max_tokens))
+    report = probe.vram
     if json_out:
-        emit_json(report.to_dict())
+        emit_json(probe.to_dict())
     elif use_rich():
-        _print_vram_rich(report)
+        _print_vram_rich(probe)
     else:
-        typer.echo(vram.format_plain(report))
+        typer.echo(_format_probe_plain(probe))
     if report.error is not None:
         if not json_out:
             typer.echo(f"error: {report.error}", err=True)
@@ -123,6 +166,15 @@ _MODEL_HELP = "Model hub repo id or a local checkpoint folder."
 _PANEL_VOICE = "Voice and sampling"
 _PANEL_MODEL = "Model and device"
 _PANEL_OUTPUT = "Output"
+
+
+def _parse_batch(value: str) -> int:
+    """--batch: 'auto' is 0 for the service; otherwise a count >= 1."""
+    if value == "auto":
+        return 0
+    if not value.isdigit() or int(value) < 1:
+        raise UsageError(f"--batch must be auto or a whole number >= 1, got {value!r}")
+    return int(value)
 
 
 @app.command()
@@ -249,6 +301,13 @@ def synthesize(
             show_default=False,
         ),
     ] = None,
+    batch: Annotated[
+        str,
+        typer.Option(
+            help="Chunks decoded together: a number, or auto (as many as free GPU memory allows, up to 32).",
+            rich_help_panel=_PANEL_MODEL,
+        ),
+    ] = "auto",
     no_fallback: Annotated[
         bool,
         typer.Option(
@@ -259,6 +318,14 @@ def synthesize(
     ] = False,
     offline: Annotated[
         bool, typer.Option("--offline", help="Never download the checkpoint.", rich_help_panel=_PANEL_MODEL)
+    ] = False,
+    no_quant_cache: Annotated[
+        bool,
+        typer.Option(
+            "--no-quant-cache",
+            help="Quantize from the checkpoint; neither read nor write the quantized-weight cache.",
+            rich_help_panel=_PANEL_MODEL,
+        ),
     ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress or warnings on stderr.")] = False,
     json_out: Annotated[
@@ -292,9 +359,11 @@ def synthesize(
             preset=preset,
             plan=plan,
             max_tokens=max_tokens,
+            batch=_parse_batch(batch),
             cfg_weight=cfg_weight,
             allow_download=not offline,
             fallback=not no_fallback,
+            quant_cache=not no_quant_cache,
         )
         job = SynthesizeJob(
             text=text,

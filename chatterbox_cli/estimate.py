@@ -28,6 +28,7 @@ from chatterbox_cli.presets import (
     COMPONENT_SOURCES,
     NF4_BLOCKSIZE,
     NF4_NESTED_BLOCKSIZE,
+    PRESETS,
     Component,
     ComponentPlan,
     QuantPlan,
@@ -48,27 +49,42 @@ try:  # T3's head count is a config fact; its KV width is read from the k_proj s
 except ImportError:  # pragma: no cover - only while the model package is incomplete
     T3_HEADS = 16
 ACT_BYTES = 2  # activations, KV cache and non-quantized weights are 16-bit on the GPU
+FLOAT_BYTES = {"mel2wav": 4}  # except HiFT, kept in fp32 (service._load_s3gen says why)
 TEXT_TOKENS_DEFAULT = 300  # text tokens per chunk assumed for the prompt length (a long chunk)
 T3_PROMPT_EXTRA = 3  # start-text, stop-text and start-speech tokens around the text
 S3GEN_PROMPT_TOKENS = 250  # S3Gen's reference-voice prompt: up to 10 s of speech at 25 tokens/s
 TOKEN_MEL_RATIO = 2  # mel frames (50 Hz) per speech token (25 Hz)
 MEL_HOP_SAMPLES = 480  # 24 kHz samples per mel frame
+MEL_BINS = 80
+FLOW_ENC_DIM = 512
+FLOW_ENC_FF = 2048
 FLOW_ENC_HEADS = 8
-FLOW_EST_HEADS = 8
 FLOW_EST_CHANNELS = 256
 HIFT_ISTFT_HOP = 4
 HIFT_LAST_CHANNELS = 64  # 512 base channels halved at each of the 3 upsampling stages
+HIFT_SPEC_CHANNELS = 18  # real and imaginary parts of the source's 9-bin STFT
 HIFT_HARMONICS = 9  # sine source: fundamental + 8 harmonics
 
-# ---- activation constants: "uncalibrated" until benchmarks/memory.py has measured them on a GPU ---------
-CALIBRATION = "uncalibrated"
+# ---- calibration: measured peak workspace / formula, one 1,000-token utterance with CFG, batch 1 ----------
+# `python benchmarks/calibrate_estimate.py memory.json` prints these from a benchmarks/memory.py run (fp16).
+CALIBRATION = "NVIDIA H100 80GB HBM3, torch 2.11+cu130, 2026-11-25"
+T3_WORKSPACE_SCALE = 0.46  # 38.4 MB measured / 82.8 MB counted: SDPA materialises no scores in prefill
+S3GEN_WORKSPACE_SCALE = 1.42  # 197.4 MB measured / 138.8 MB counted: cuDNN conv workspaces in fp32 HiFT
+# ---- activation counts (the formulas' shape terms) -------------------------------------------------------
 T3_LIVE_HIDDEN = 6  # hidden-sized activations alive at once in a prefill layer (x, norm, q, k, v, attn out)
 T3_LIVE_MLP = 3  # intermediate-sized ones (gate, up, act*up)
 T3_SCORE_BYTES = 4  # attention scores materialised in fp32 (worst case: no fused SDPA kernel)
-FLOW_ENC_SCORE_TENSORS = 3  # relative-position attention: content scores, position scores, softmax
-FLOW_EST_SCORE_TENSORS = 2  # scores and softmax
-FLOW_EST_LIVE_CHANNELS = 8  # channel-sized [B, C, L] tensors alive in the U-Net (skips, resnet, FF x4)
-HIFT_LIVE_TENSORS = 6  # [64, frames] tensors alive in the last stage (3 parallel resblocks + sums)
+# S3Gen (see s3gen_stage_bytes; counts checked on CPU with a live-tensor tracker, fp32, 400-750 tokens)
+FLOW_ENC_LIVE_ROWS = 8  # [B, T, 512] in an attention layer: x, its norm, q, k, v, q+u, q+v, output
+FLOW_ENC_POS_TENSORS = 2  # [2T-1, 512]: the relative sinusoids and their projection
+FLOW_ENC_BIAS_TENSORS = 2  # [B, H, n, T] per query block: the bias, and a kernel-side copy (CUDA pads it)
+FLOW_ENC_FF_LIVE_ROWS = 2  # [B, T, 512] in a feed-forward layer (x, its norm), beside two [B, T, 2048]
+FLOW_EST_LIVE_CHANNELS = 13  # [2B, T, 256]-units alive in a U-Net transformer (h, resnet out, x, norm,
+#                              q, k, v, attention out at 2 units each, projection); SDPA is fused
+FLOW_EST_MEL_TENSORS = 6  # [2B, 80, T] in the Euler loop (x twice, mu, cond, velocity, x_t)
+HIFT_LIVE_TENSORS = 5  # [B, 64, span] in the last stage's resblocks: input, sum, running x, conv, Snake
+HIFT_ISTFT_ROW_BYTES = 144  # per last-stage position of one row: fp32 magnitude, phase, complex spectrum
+HIFT_SOURCE_ROWS = 13  # [B, samples] fp32 while making the source: 9 of noise, F0, sum, sine, noise term
 MARGIN_FRACTION = 0.10
 
 # CUDA context when it cannot be measured (no GPU yet, or estimate before init). Consumer cards measure
@@ -115,7 +131,7 @@ class ComponentEstimate:
 
 
 def component_weights(
-    header: Mapping[str, TensorInfo], plan: ComponentPlan, prefix: str
+    header: Mapping[str, TensorInfo], plan: ComponentPlan, prefix: str, float_bytes: int = ACT_BYTES
 ) -> tuple[ComponentEstimate, list[str]]:
     """Weight bytes of one component's tensors (names starting with `prefix`) under `plan`; also returns the
     quantized layer names."""
@@ -128,7 +144,7 @@ def component_weights(
         if name in quant_weights:
             q_bytes += quantized_linear_nbytes(plan.mode, info.shape[0], info.shape[1])
         elif info.dtype in ("F64", "F32", "F16", "BF16"):
-            other += info.numel * ACT_BYTES
+            other += info.numel * float_bytes
         else:
             other += info.numel * DTYPE_BYTES[info.dtype]
     mode = plan.mode if linears else "16bit"
@@ -175,24 +191,63 @@ def t3_workspace_bytes(shape: T3Shape, max_tokens: int, batch: int, cfg: bool, t
     layer = rows * prompt * (T3_LIVE_HIDDEN * shape.hidden + T3_LIVE_MLP * shape.intermediate) * ACT_BYTES
     scores = rows * T3_HEADS * prompt * capacity * T3_SCORE_BYTES
     logits = rows * shape.speech_vocab * 4 * 4  # fp32 logits, CFG mix, penalties, probabilities
-    return layer + scores + logits
+    return int(T3_WORKSPACE_SCALE * (layer + scores + logits))
+
+
+def s3gen_stage_bytes(
+    max_tokens: int, batch: int, prompt_tokens: int = S3GEN_PROMPT_TOKENS, act_bytes: int = ACT_BYTES
+) -> dict[str, int]:
+    """Bytes of the tensors alive at the peak of each S3Gen stage, for `batch` rows of `max_tokens` tokens.
+
+    encoder    the upsampling Conformer at T = 2 * (prompt + tokens) frames; attention runs in query blocks
+               of n rows whose raw position scores [B, H, n, T+n-1] fit ATTN_BLOCK_BYTES (conformer.py);
+    estimator  one Euler step of the CFM U-Net on 2B rows (the flow's own CFG, always on), fused SDPA;
+    hift       the vocoder on 2 * tokens mel frames; it runs one row at a time (its last stage at 120
+               positions per frame): the decoder on one chunk of DECODE_CHUNK_BYTES (hifigan.py) with its
+               context beside the row's 18-channel spectra, or the row's iSTFT, or making its float32
+               source; plus the batch's float32 waveform and source outputs. (One generator for a whole
+               batch would add its [B, 9, samples] float32 noise; per-row generators draw row by row.)
+    """
+    from chatterbox_cli.models.s3gen.conformer import ATTN_BLOCK_BYTES, query_block_size
+    from chatterbox_cli.models.s3gen.hifigan import DECODE_CHUNK_BYTES, DECODE_CONTEXT_FRAMES
+
+    e = act_bytes
+    frames = (prompt_tokens + max_tokens) * TOKEN_MEL_RATIO
+    n = query_block_size(batch, FLOW_ENC_HEADS, frames, e, ATTN_BLOCK_BYTES)
+    pos = FLOW_ENC_POS_TENSORS * (2 * frames - 1) * FLOW_ENC_DIM * e
+    block = batch * FLOW_ENC_HEADS * n * ((frames + n - 1) + FLOW_ENC_BIAS_TENSORS * frames) * e
+    attention = FLOW_ENC_LIVE_ROWS * batch * frames * FLOW_ENC_DIM * e + pos + block
+    feed_forward = batch * frames * (FLOW_ENC_FF_LIVE_ROWS * FLOW_ENC_DIM + 2 * FLOW_ENC_FF) * e + pos
+    rows = 2 * batch
+    estimator = (
+        rows * frames * (FLOW_EST_LIVE_CHANNELS * FLOW_EST_CHANNELS + FLOW_EST_MEL_TENSORS * MEL_BINS) * e
+    )
+    mel_frames = max_tokens * TOKEN_MEL_RATIO
+    samples = mel_frames * MEL_HOP_SAMPLES
+    rate = MEL_HOP_SAMPLES // HIFT_ISTFT_HOP
+    positions = samples // HIFT_ISTFT_HOP + 1
+    h = FLOAT_BYTES["mel2wav"]  # HiFT runs in float32
+    chunk = max(2 * DECODE_CONTEXT_FRAMES, DECODE_CHUNK_BYTES // (HIFT_LAST_CHANNELS * rate * h))
+    span = min(positions, rate * (chunk + 2 * DECODE_CONTEXT_FRAMES) + 1)
+    spectrum = positions * HIFT_SPEC_CHANNELS * h  # [1, 18, positions]
+    # chunked: the source's STFT, and the decoded chunks so far (views of spans with their context)
+    spectra = spectrum if span == positions else int(spectrum * (1 + (span - 1) / (rate * chunk)))
+    decode = span * HIFT_LIVE_TENSORS * HIFT_LAST_CHANNELS * h + spectra
+    istft = spectrum + HIFT_ISTFT_ROW_BYTES * positions + samples * 4  # and the row's waveform
+    row_source = samples * 4  # the row's float32 excitation, alive while it is decoded
+    outputs = 2 * batch * samples * 4  # float32 waveform and source of every row
+    return {
+        "encoder": max(attention, feed_forward),
+        "estimator": estimator,
+        "hift": outputs + max(decode + row_source, istft + row_source, HIFT_SOURCE_ROWS * samples * 4),
+    }
 
 
 def s3gen_workspace_bytes(max_tokens: int, batch: int, cfg: bool) -> int:
-    """Peak of flow (encoder, then the CFM estimator) or HiFT, whichever is larger; they run in sequence."""
-    frames = (S3GEN_PROMPT_TOKENS + max_tokens) * TOKEN_MEL_RATIO
-    enc = batch * (FLOW_ENC_HEADS * frames * frames * ACT_BYTES * FLOW_ENC_SCORE_TENSORS)
-    est_rows = batch * (2 if cfg else 1)
-    est = est_rows * (
-        FLOW_EST_HEADS * frames * frames * ACT_BYTES * FLOW_EST_SCORE_TENSORS
-        + FLOW_EST_LIVE_CHANNELS * 4 * FLOW_EST_CHANNELS * frames * ACT_BYTES
-    )
-    samples = max_tokens * TOKEN_MEL_RATIO * MEL_HOP_SAMPLES
-    hift = batch * (
-        HIFT_LIVE_TENSORS * HIFT_LAST_CHANNELS * (samples // HIFT_ISTFT_HOP) * ACT_BYTES
-        + 2 * HIFT_HARMONICS * samples * 4  # fp32 sine source and its noise
-    )
-    return max(enc, est, hift)
+    """Peak of the S3Gen stages (they run in sequence). `cfg` is T3's guidance: S3Gen's flow always runs
+    its own conditional and unconditional rows, so it does not change S3Gen's workspace."""
+    del cfg
+    return int(S3GEN_WORKSPACE_SCALE * max(s3gen_stage_bytes(max_tokens, batch).values()))
 
 
 @dataclass
@@ -268,7 +323,8 @@ def estimate_plan(
         raise UsageError("max_tokens and batch must be >= 1, text_tokens and cfg_weight >= 0")
     parts: dict[Component, ComponentEstimate] = {}
     for comp, (file, prefix) in COMPONENT_SOURCES.items():
-        parts[comp], _ = component_weights(headers[file], plan[comp], prefix)
+        float_bytes = FLOAT_BYTES.get(comp, ACT_BYTES)
+        parts[comp], _ = component_weights(headers[file], plan[comp], prefix, float_bytes)
     components = {}
     for key, members in _REPORT_PARTS.items():
         ests = [parts[m] for m in members]
@@ -286,7 +342,11 @@ def estimate_plan(
     kv = kv_cache_bytes(shape, max_tokens, batch, cfg, text_tokens)
     t3_ws = t3_workspace_bytes(shape, max_tokens, batch, cfg, text_tokens)
     s3_ws = s3gen_workspace_bytes(max_tokens, batch, cfg)
-    workspace = max(t3_ws, s3_ws - kv)
+    # The peak is T3's (KV cache + workspace) or S3Gen's, over the resident weights; a parked vocoder is
+    # off the GPU during T3.
+    preset = PRESETS.get(plan.preset)
+    parked = parts["mel2wav"].weights_bytes if preset is not None and preset.park_vocoder else 0
+    workspace = max(t3_ws - parked, s3_ws - kv, 0)
     resident = components["t3"].weights_bytes + components["s3gen"].weights_bytes
     voice_prep = components["voice_encoder"].weights_bytes
     weights = resident + (voice_prep if prepare_voice else 0)
@@ -298,6 +358,7 @@ def estimate_plan(
         "parts": {c: asdict(e) for c, e in parts.items()},
         "t3_workspace_bytes": t3_ws,
         "s3gen_workspace_bytes": s3_ws,
+        "vocoder_parked_bytes": parked,
         "voice_prep_bytes": voice_prep,
         "voice_prep_counted": prepare_voice,
         "cuda_context_measured": cuda_context_bytes is not None,

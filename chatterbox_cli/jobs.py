@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from chatterbox_cli.models.conds import Conditionals
     from chatterbox_cli.pipeline import SynthesisSettings
     from chatterbox_cli.service import LoadedModel, LoadRequest
+    from chatterbox_cli.vram import VramReport
 
 SplitMode = Literal["lines", "paragraphs"]
 VOICE_SUFFIX = ".voice"
@@ -483,6 +484,7 @@ class _Runner:
             "preset": model.preset,
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
+            "quant_cache": dict(model.quant_cache),  # component -> hit | miss | off (quantized ones only)
             "voice": job.voice or "builtin",
             "seed": self.settings.seed,
             "settings": self.settings.to_dict(),
@@ -562,3 +564,52 @@ def estimate_report(request: LoadRequest, preset: str | None) -> EstimateReport:
         free_bytes=free,
         overrides=overrides,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# probe-vram
+
+
+@dataclass
+class ProbeReport:
+    """`chatterbox probe-vram`: NVML's answer plus what `--preset auto` would pick on each GPU."""
+
+    vram: VramReport
+    model: str
+    picks: dict[int, tuple[str, str]]  # NVML index -> (preset, reason); "fp32" means the CPU
+    would_pick_reason: str | None = None  # why `picks` is empty although GPUs may be listed
+
+    def to_dict(self) -> dict[str, object]:
+        doc = self.vram.to_dict()
+        for gpu in doc["gpus"]:
+            gpu["would_pick"], gpu["would_pick_reason"] = self.picks.get(gpu["index"], (None, None))
+        doc["model"] = self.model
+        doc["would_pick_reason"] = self.would_pick_reason
+        return doc
+
+
+def probe_report(request: LoadRequest) -> ProbeReport:
+    """`chatterbox probe-vram`: every GPU NVML reports and, from its free memory, what `--preset auto`
+    would pick there (the service's own choice). Never downloads: a hub model that is not in the cache
+    gives no picks and says why; an invalid local checkpoint is a CheckpointError as in `estimate`."""
+    from chatterbox_cli import service, vram
+    from chatterbox_cli.checkpoint import DEFAULT_REPO, NotDownloadedError
+
+    if request.max_tokens < 1:
+        raise UsageError(f"--max-tokens must be at least 1, got {request.max_tokens}")
+    report = vram.probe()
+    request = replace(request, allow_download=False)
+    try:
+        checkpoint = service.resolve(request)
+    except NotDownloadedError:
+        flag = "" if request.model == DEFAULT_REPO else f" --model {request.model}"
+        why = (
+            f"{request.model} is not downloaded yet; run `chatterbox synthesize{flag}` once, "
+            "or pass --model FOLDER"
+        )
+        return ProbeReport(report, request.model, {}, why)
+    picks = {}
+    for gpu in report.gpus:
+        preset, reason, _ = service.auto_pick(request, checkpoint, gpu.free_bytes)
+        picks[gpu.index] = (preset, reason)
+    return ProbeReport(report, request.model, picks)

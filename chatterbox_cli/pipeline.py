@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
@@ -174,6 +174,16 @@ def _text_tokens(tokenizer: EnTokenizer, chunk: str) -> tuple[torch.Tensor, list
 # Synthesis
 
 
+def batch_groups(n: int, batch_size: int) -> list[range]:
+    """Consecutive chunk groups decoded together: the first chunk alone (its audio comes out soonest),
+    then groups of `batch_size`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    groups = [range(0, min(1, n))] if n else []
+    groups += [range(i, min(i + batch_size, n)) for i in range(1, n, batch_size)]
+    return groups
+
+
 def synthesize(
     model: SpeechModel,
     chunks: Sequence[str],
@@ -181,13 +191,20 @@ def synthesize(
     settings: SynthesisSettings,
     *,
     first_index: int = 0,
+    batch_size: int = 1,
+    fixed_length: Callable[[str], int] | None = None,
 ) -> Iterator[AudioChunk]:
-    """Yield one AudioChunk per chunk, in order, each as soon as it is made.
+    """Yield one AudioChunk per chunk, in order, each as soon as its group is made.
 
-    `first_index` is the index of `chunks[0]` in the whole text: a run resumed at chunk k passes the
-    chunks from k on and `first_index=k`, and gets the seeds, hence the audio, of an unbroken run.
+    Chunks are decoded by T3 in groups of `batch_size` (see batch_groups); on CUDA, S3Gen renders each
+    group in one batched call. Each chunk samples from its
+    own generator, seeded from the run's seed and the chunk's index alone, so a chunk's audio does not
+    depend on the batch size, and a run that resumes at chunk k (`first_index=k`, after an interruption
+    or an out-of-memory step-down) makes the same audio for k, k+1, ... as an unbroken run.
     `settings.seed` None draws one random seed for this call; pass `settings.with_seed()` to reproduce
     or to resume. A chunk for which T3 produces no speech tokens becomes `pause_seconds` of silence.
+    `fixed_length` (benchmarks: random weights never say stop) makes T3 decode exactly
+    fixed_length(chunk) tokens per chunk, ignoring the stop token.
     """
     settings = settings.with_seed()
     t3, s3gen, device = model.t3, model.s3gen, model.device
@@ -198,39 +215,62 @@ def synthesize(
     t3_cond = conds.t3.to(device)
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
     gen_cond = conds.gen.to(device, model.dtype)
-    generator = torch.Generator(device=device)
     text_limit = t3.config.text_positions
 
-    for index, chunk in enumerate(chunks, start=first_index):
-        tokens, dropped = _text_tokens(model.tokenizer, chunk)
-        if tokens.numel() > text_limit:
-            raise UsageError(
-                f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's {text_limit}; "
-                "cut the text into shorter sentences"
-            )
-        seed = derive_seed(settings.seed, "chunk", index)
+    for group in batch_groups(len(chunks), batch_size):
+        indices = [first_index + i for i in group]
+        texts = [chunks[i] for i in group]
+        prepared = [_text_tokens(model.tokenizer, chunk) for chunk in texts]
+        for index, (tokens, _) in zip(indices, prepared, strict=True):
+            if tokens.numel() > text_limit:
+                raise UsageError(
+                    f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's "
+                    f"{text_limit}; cut the text into shorter sentences"
+                )
+        seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
+        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
 
         started = time.perf_counter()
-        generator.manual_seed(seed)
-        speech = t3.generate(
-            tokens,
+        speech = t3.generate_batch(
+            [tokens for tokens, _ in prepared],
             t3_cond,
-            max_new_tokens=settings.max_tokens,
+            max_new_tokens=[fixed_length(c) for c in texts] if fixed_length else settings.max_tokens,
             cfg_weight=settings.cfg_weight,
             sampling=sampling,
-            generator=generator,
+            generators=generators,
+            ignore_stop=fixed_length is not None,
         )
-        speech = speech[speech < S3_CODEBOOK_SIZE]
-        n_tokens = int(speech.numel())  # a host sync: the T3 time below is complete
-        t3_s = time.perf_counter() - started
+        speech = [s[s < S3_CODEBOOK_SIZE] for s in speech]
+        counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
+        t3_s = (time.perf_counter() - started) / len(group)
 
         started = time.perf_counter()
-        if n_tokens == 0:
-            audio = join_pause(SAMPLE_RATE, settings.pause_seconds)
-        else:
-            wav = s3gen.synthesize(
-                speech[None], gen_cond, n_timesteps=settings.flow_steps, generator=generator
+        voiced = [j for j, n in enumerate(counts) if n > 0]
+        if device.type == "cuda" and len(voiced) > 1:
+            # One padded flow call for the group (on the CPU row by row is faster: no padding work).
+            rows = s3gen.synthesize_rows(
+                [speech[j] for j in voiced],
+                gen_cond,
+                [generators[j] for j in voiced],
+                n_timesteps=settings.flow_steps,
             )
-            audio = fade_edges(wav[0].detach().to("cpu", torch.float32).numpy(), SAMPLE_RATE)
-        s3gen_s = time.perf_counter() - started
-        yield AudioChunk(index, chunk, audio, SAMPLE_RATE, n_tokens, dropped, seed, t3_s, s3gen_s)
+            waves = dict(zip(voiced, rows, strict=True))
+        else:
+            waves = {}
+        group_s3gen_s = time.perf_counter() - started
+
+        for j, index in enumerate(indices):
+            started = time.perf_counter()
+            if counts[j] == 0:
+                audio = join_pause(SAMPLE_RATE, settings.pause_seconds)
+            else:
+                if j in waves:
+                    wav = waves[j]
+                else:
+                    wav = s3gen.synthesize(
+                        speech[j][None], gen_cond, n_timesteps=settings.flow_steps, generator=generators[j]
+                    )[0]
+                audio = fade_edges(wav.detach().to("cpu", torch.float32).numpy(), SAMPLE_RATE)
+            s3gen_s = time.perf_counter() - started + group_s3gen_s / len(group)
+            dropped = prepared[j][1]
+            yield AudioChunk(index, texts[j], audio, SAMPLE_RATE, counts[j], dropped, seeds[j], t3_s, s3gen_s)

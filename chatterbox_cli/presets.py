@@ -137,6 +137,9 @@ class Preset:
     fidelity: int  # higher = closer to the 32-bit reference; the chooser tries high fidelity first
     modes: Mapping[Component, Mode] = field(default_factory=dict)
     unavailable_reason: str | None = None
+    # HiFT (fp32, ~80 MB) waits in host memory while T3 decodes, so it does not add to T3's peak; it moves
+    # to the GPU for each S3Gen call (a few ms). For the presets that exist to fit small cards.
+    park_vocoder: bool = False
 
     @property
     def available(self) -> bool:
@@ -160,12 +163,14 @@ PRESETS: dict[str, Preset] = {
             "T3 backbone and S3Gen flow Linears int8 (bitsandbytes Linear8bitLt), the rest 16-bit",
             2,
             {"t3": "int8", "flow": "int8"},
+            park_vocoder=True,
         ),
         Preset(
             "bnb-4bit",
             "T3 backbone Linears nf4, double quant (bitsandbytes Linear4bit), flow Linears int8, rest 16-bit",
             1,
             {"t3": "nf4", "flow": "int8"},
+            park_vocoder=True,
         ),
         Preset("awq", "T3 backbone 4-bit AWQ", 1, {"t3": "awq"}, unavailable_reason=_AWQ_REASON),
     )

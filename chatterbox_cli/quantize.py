@@ -87,6 +87,32 @@ def require_bitsandbytes(device: torch.device | str) -> ModuleType:
     return bnb
 
 
+def empty_quantized_linear(
+    bnb: ModuleType, out_f: int, in_f: int, has_bias: bool, plan: ComponentPlan, dtype: torch.dtype
+) -> nn.Module:
+    """The bitsandbytes layer `plan.mode` asks for, on the meta device, weights not yet given."""
+    if plan.mode == "nf4":
+        return bnb.nn.Linear4bit(
+            in_f,
+            out_f,
+            bias=has_bias,
+            compute_dtype=dtype,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+    if plan.mode == "int8":
+        return bnb.nn.Linear8bitLt(
+            in_f,
+            out_f,
+            bias=has_bias,
+            has_fp16_weights=False,
+            threshold=plan.int8_threshold,
+            device="meta",
+        )
+    raise QuantizationError(f"mode {plan.mode!r} has no bitsandbytes layer")
+
+
 def make_quantized_linear(
     bnb: ModuleType,
     weight: torch.Tensor,
@@ -98,17 +124,9 @@ def make_quantized_linear(
     """A bitsandbytes layer holding `weight` quantized per `plan.mode` on `device` (weight given on the host
     or any device; it is cast to the 16-bit `dtype` first, so dequantized weights come back in it)."""
     out_f, in_f = weight.shape
+    layer = empty_quantized_linear(bnb, out_f, in_f, bias is not None, plan, dtype)
     w16 = weight.detach().to(device="cpu", dtype=dtype)
     if plan.mode == "nf4":
-        layer = bnb.nn.Linear4bit(
-            in_f,
-            out_f,
-            bias=bias is not None,
-            compute_dtype=dtype,
-            compress_statistics=True,
-            quant_type="nf4",
-            device="meta",
-        )
         layer.weight = bnb.nn.Params4bit(
             w16,
             requires_grad=False,
@@ -117,21 +135,81 @@ def make_quantized_linear(
             quant_type="nf4",
             module=layer,
         ).to(device)
-    elif plan.mode == "int8":
-        layer = bnb.nn.Linear8bitLt(
-            in_f,
-            out_f,
-            bias=bias is not None,
-            has_fp16_weights=False,
-            threshold=plan.int8_threshold,
-            device="meta",
-        )
-        layer.weight = bnb.nn.Int8Params(w16, requires_grad=False, has_fp16_weights=False).to(device)
     else:
-        raise QuantizationError(f"mode {plan.mode!r} has no bitsandbytes layer")
+        layer.weight = bnb.nn.Int8Params(w16, requires_grad=False, has_fp16_weights=False).to(device)
     del w16
     if bias is not None:
         layer.bias = nn.Parameter(bias.detach().to(device=device, dtype=dtype), requires_grad=False)
+    return layer.eval()
+
+
+# The tensors a quantized layer's own state_dict() holds besides `bias` (bitsandbytes 0.50.2 names).
+NF4_STATE_KEYS = (
+    "weight",
+    "weight.absmax",
+    "weight.quant_map",
+    "weight.nested_absmax",
+    "weight.nested_quant_map",
+    "weight.quant_state.bitsandbytes__nf4",
+)
+INT8_STATE_KEYS = ("weight", "SCB", "weight_format")
+
+
+def quantized_state_keys(mode: str, has_bias: bool) -> tuple[str, ...]:
+    """The state_dict keys of one quantized Linear in `mode` ('nf4' or 'int8')."""
+    keys = {"nf4": NF4_STATE_KEYS, "int8": INT8_STATE_KEYS}.get(mode)
+    if keys is None:
+        raise QuantizationError(f"mode {mode!r} has no bitsandbytes layer")
+    return keys + (("bias",) if has_bias else ())
+
+
+def quantized_linear_from_state(
+    bnb: ModuleType,
+    state: Mapping[str, torch.Tensor],
+    plan: ComponentPlan,
+    out_f: int,
+    in_f: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Module:
+    """Rebuild a quantized layer on `device` from what its state_dict() held (already quantized tensors:
+    nothing is quantized again). Raises ValueError when the tensors do not describe such a layer."""
+    has_bias = "bias" in state
+    wanted = set(quantized_state_keys(plan.mode, has_bias))
+    if set(state) != wanted:
+        raise ValueError(f"tensors {sorted(state)}, expected {sorted(wanted)}")
+    weight = state["weight"]
+    layer = empty_quantized_linear(bnb, out_f, in_f, has_bias, plan, dtype)
+    if plan.mode == "nf4":
+        packed = (out_f * in_f + 1) // 2
+        if weight.dtype != torch.uint8 or tuple(weight.shape) != (packed, 1):
+            raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)}, expected uint8 ({packed}, 1)")
+        stats = {k.removeprefix("weight."): v for k, v in state.items() if k.startswith("weight.")}
+        layer.weight = bnb.nn.Params4bit.from_prequantized(
+            weight, stats, requires_grad=False, device=device, module=layer
+        )
+        qs = layer.weight.quant_state
+        if tuple(qs.shape) != (out_f, in_f) or qs.dtype != dtype:
+            raise ValueError(
+                f"quant state of shape {tuple(qs.shape)} {qs.dtype}, expected ({out_f}, {in_f}) {dtype}"
+            )
+    else:
+        scb, fmt = state["SCB"], state["weight_format"]
+        if weight.dtype != torch.int8 or tuple(weight.shape) != (out_f, in_f):
+            raise ValueError(f"weight {weight.dtype} {tuple(weight.shape)}, expected int8 ({out_f}, {in_f})")
+        if scb.dtype != torch.float32 or tuple(scb.shape) != (out_f,):
+            raise ValueError(f"SCB {scb.dtype} {tuple(scb.shape)}, expected float32 ({out_f},)")
+        if fmt.numel() != 1 or int(fmt) != 0:
+            raise ValueError("weight_format is not 0 (row-major)")
+        weight = weight.to(device)
+        layer.weight = bnb.nn.Int8Params(
+            weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb.to(device)
+        )
+    if has_bias:
+        bias = state["bias"]
+        if bias.dtype != dtype or tuple(bias.shape) != (out_f,):
+            raise ValueError(f"bias {bias.dtype} {tuple(bias.shape)}, expected {dtype} ({out_f},)")
+        layer.bias = nn.Parameter(bias.to(device), requires_grad=False)
     return layer.eval()
 
 

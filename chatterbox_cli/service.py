@@ -17,6 +17,10 @@ from typing import TYPE_CHECKING
 
 # NVML numbers GPUs in PCI bus order; make CUDA agree before anything initialises it.
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+# cuBLAS(Lt) workspaces come from torch's allocator, one per stream that runs a matmul (decoding, CUDA-graph
+# capture); 4 MiB each instead of the larger Hopper defaults (measured in benchmarks/memory.py).
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:1")
+os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
 
 import torch  # noqa: E402
 
@@ -49,10 +53,11 @@ class LoadRequest:
     preset: str = "auto"  # auto | fp16 | bnb-8bit | bnb-4bit
     plan: str | None = None  # per-component overrides, e.g. "t3=nf4,flow=int8"
     max_tokens: int = 1000
-    batch: int = 1
+    batch: int = 1  # chunks decoded together; 0: as many as free GPU memory allows (AUTO_BATCH_LIMIT)
     cfg_weight: float = 0.5
     allow_download: bool = True
     fallback: bool = True
+    quant_cache: bool = True  # reuse / write quantized weights under quant_cache.quantized_dir()
 
 
 @dataclass
@@ -75,6 +80,7 @@ class LoadedModel:
     builtin_voice: Conditionals | None
     load_seconds: float
     quant: dict[str, QuantReport] = field(default_factory=dict)
+    quant_cache: dict[str, str] = field(default_factory=dict)  # component -> "hit" | "miss" | "off"
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +138,7 @@ def _estimate(
         checkpoint.folder,
         preset,
         max_tokens=request.max_tokens,
-        batch=request.batch,
+        batch=max(1, request.batch),  # auto batch (0) adapts to what is left after loading
         cfg_weight=request.cfg_weight,
         free_bytes=free,
         overrides=_overrides(request),
@@ -173,16 +179,27 @@ def decide(request: LoadRequest, checkpoint: Checkpoint | None = None) -> Decisi
             reason = f"--preset {request.preset} as asked"
         return Decision(device, request.preset, dtype, reason, free, report)
 
-    report = _estimate(request, checkpoint, "all", free)
     if free is None:
         # torch sees a GPU that NVML cannot read (no NVML library): take the smallest footprint.
+        report = _estimate(request, checkpoint, "all", None)
         smallest = presets.preset_names()[-1]
         reason = f"NVML cannot read free memory on {device}; using the smallest preset, {smallest}"
         return Decision(device, smallest, dtype, reason, None, report)
+    chosen, reason, report = auto_pick(request, checkpoint, free)
+    if chosen == CPU_PRESET:
+        return Decision(torch.device("cpu"), CPU_PRESET, torch.float32, reason, free, report)
+    return Decision(device, chosen, dtype, reason, free, report)
+
+
+def auto_pick(
+    request: LoadRequest, checkpoint: Checkpoint, free: int
+) -> tuple[str, str, estimate.EstimateReport]:
+    """What `--preset auto` picks on a GPU with `free` bytes free: a preset, or CPU_PRESET when none fits
+    (then synthesis runs on the CPU), with its one-line reason and the estimates. Reads no weights."""
+    report = _estimate(request, checkpoint, "all", free)
     if report.chosen is None:
-        cpu = torch.device("cpu")
-        return Decision(cpu, CPU_PRESET, torch.float32, f"{report.reason}: running on the CPU", free, report)
-    return Decision(device, report.chosen, dtype, report.reason, free, report)
+        return CPU_PRESET, f"{report.reason}: running on the CPU", report
+    return report.chosen, report.reason, report
 
 
 def next_preset(preset: str) -> str | None:
@@ -197,7 +214,9 @@ def next_preset(preset: str) -> str | None:
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-def _load_t3(path: Path, decision: Decision, plan: presets.QuantPlan | None) -> tuple[T3, QuantReport | None]:
+def _load_t3(
+    path: Path, decision: Decision, plan: presets.QuantPlan | None, use_cache: bool, notify: Notify
+) -> tuple[T3, QuantReport | None, str | None]:
     from chatterbox_cli.checkpoint import safetensors_header
     from chatterbox_cli.models.loading import infer_t3_config, load_module_from_safetensors
     from chatterbox_cli.models.t3 import T3
@@ -206,51 +225,83 @@ def _load_t3(path: Path, decision: Decision, plan: presets.QuantPlan | None) -> 
     with torch.device("meta"):
         t3 = T3(config)
     if plan is not None and plan["t3"].quantized:
-        from chatterbox_cli.quantize import load_quantized, verify_quantized
+        from chatterbox_cli.quant_cache import load_quantized_cached
 
-        load_quantized(t3, path, [plan["t3"]], decision.device, decision.dtype)
-        return t3, verify_quantized(t3, [plan["t3"]], decision.device)
-    return load_module_from_safetensors(t3, path, decision.device, decision.dtype), None
+        done = load_quantized_cached(
+            t3, path, plan["t3"], decision.device, decision.dtype, use_cache=use_cache, notify=notify
+        )
+        return t3, done.report, done.cache
+    t3 = load_module_from_safetensors(t3, path, decision.device, decision.dtype)
+    t3.tfmr.fuse_projections()
+    return t3, None, None
 
 
 def _load_s3gen(
-    path: Path, decision: Decision, plan: presets.QuantPlan | None
-) -> tuple[S3Gen, QuantReport | None]:
+    path: Path, decision: Decision, plan: presets.QuantPlan | None, use_cache: bool, notify: Notify
+) -> tuple[S3Gen, QuantReport | None, str | None]:
     from chatterbox_cli.models.s3gen import S3Gen
 
+    cache = None
+    dtype = flow_dtype(decision)
     if plan is None or not plan["flow"].quantized:
-        s3gen = S3Gen.load(path, decision.device, decision.dtype)
+        s3gen = S3Gen.load(path, decision.device, dtype)
         report = None
     else:
-        from chatterbox_cli.quantize import quantize_module, verify_quantized
+        from chatterbox_cli.quant_cache import quantize_module_cached
+        from chatterbox_cli.quantize import verify_quantized
 
-        # The flow is built at 16 bits on the host, then its Linears are quantized onto the device one by one.
-        s3gen = S3Gen.load(path, "cpu", decision.dtype)
-        quantize_module(s3gen.flow, [plan["flow"]], decision.device, decision.dtype, prefix="flow.")
+        # The flow is built at 16 bits on the host, then its Linears are quantized onto the device one by one
+        # (or taken from the cache: S3Gen.load still reads their float weights, but nothing is quantized).
+        s3gen = S3Gen.load(path, "cpu", dtype)
+        cache = quantize_module_cached(
+            s3gen.flow,
+            path,
+            plan["flow"],
+            decision.device,
+            dtype,
+            "flow.",
+            use_cache=use_cache,
+            notify=notify,
+        ).cache
         s3gen.to(decision.device)
         report = verify_quantized(s3gen.flow, [plan["flow"]], decision.device, prefix="flow.")
-    if decision.dtype != torch.float32:
-        # HiFT's F0 predictor and sine source stay fp32: 16-bit F0 drifts the source phase audibly.
-        s3gen.mel2wav.to_inference_dtype(decision.dtype)
-    return s3gen, report
+    s3gen.mel2wav.float()  # HiFT stays fp32: in 16 bits its waveform is off by 33-71 % (benchmarks/speed.py)
+    preset = presets.PRESETS.get(decision.preset)
+    if preset is not None and preset.park_vocoder and decision.device.type == "cuda":
+        s3gen.park_vocoder(decision.device)
+    return s3gen, report, cache
 
 
-def load_decided(checkpoint: Checkpoint, decision: Decision, request: LoadRequest) -> LoadedModel:
+def flow_dtype(decision: Decision) -> torch.dtype:
+    """The S3Gen flow's dtype: fp16 on a GPU (whatever T3 uses: its mel is 5x closer to fp32 than bf16's,
+    0.65 % against 3.1 % relative error on the H100), the checkpoint's fp32 on the CPU."""
+    return torch.float16 if decision.dtype != torch.float32 else torch.float32
+
+
+def load_decided(
+    checkpoint: Checkpoint, decision: Decision, request: LoadRequest, notify: Notify = _quiet
+) -> LoadedModel:
     from chatterbox_cli.models.conds import load_builtin_conds
     from chatterbox_cli.models.tokenizer import EnTokenizer
 
     start = time.perf_counter()
     plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
-    t3, t3_report = _load_t3(checkpoint.path("t3_cfg.safetensors"), decision, plan)
-    s3gen, flow_report = _load_s3gen(checkpoint.path("s3gen.safetensors"), decision, plan)
+    use_cache = request.quant_cache
+    t3, t3_report, t3_cache = _load_t3(
+        checkpoint.path("t3_cfg.safetensors"), decision, plan, use_cache, notify
+    )
+    s3gen, flow_report, flow_cache = _load_s3gen(
+        checkpoint.path("s3gen.safetensors"), decision, plan, use_cache, notify
+    )
     tokenizer = EnTokenizer(checkpoint.path("tokenizer.json"))
     conds_path = checkpoint.path("conds.pt")
     builtin = load_builtin_conds(conds_path) if conds_path.exists() else None
     if decision.device.type == "cuda":
         torch.cuda.synchronize(decision.device)
     quant = {k: v for k, v in (("t3", t3_report), ("flow", flow_report)) if v is not None}
+    cached = {k: v for k, v in (("t3", t3_cache), ("flow", flow_cache)) if v is not None}
     return LoadedModel(
-        checkpoint, decision, t3, s3gen, tokenizer, builtin, time.perf_counter() - start, quant
+        checkpoint, decision, t3, s3gen, tokenizer, builtin, time.perf_counter() - start, quant, cached
     )
 
 
@@ -261,7 +312,7 @@ def load(request: LoadRequest, notify: Notify = _quiet) -> LoadedModel:
     notify(decision.reason)
     while True:
         try:
-            return load_decided(checkpoint, decision, request)
+            return load_decided(checkpoint, decision, request, notify)
         except torch.cuda.OutOfMemoryError as e:
             decision = _step_down(decision, request, e, "loading", notify)
 
@@ -362,6 +413,37 @@ def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify
     return prepared.conds
 
 
+AUTO_BATCH_LIMIT = 32  # a decode step is launch-bound: 32 chunks (64 rows) decode at 25x the tokens/s of one
+
+
+def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[int, str]:
+    """How many chunks T3 decodes together, and why. A given --batch is used as is; auto (0) takes as many
+    as the GPU memory left after loading holds (KV cache and prefill workspace per chunk, S3Gen's workspace
+    for the group, the estimate's margin), up to AUTO_BATCH_LIMIT; the CPU decodes one at a time."""
+    wanted = max(1, chunks - 1)  # the first chunk always runs alone (pipeline.batch_groups)
+    if request.batch > 0:
+        return request.batch, f"batch {request.batch} (--batch)"
+    if model.device.type != "cuda":
+        return 1, "batch 1: the CPU decodes one chunk at a time"
+    header = estimate.read_headers(model.checkpoint.folder)["t3_cfg.safetensors"]
+    shape = estimate.t3_shape(header)
+    cfg, max_tokens = request.cfg_weight > 0, request.max_tokens
+    text = estimate.TEXT_TOKENS_DEFAULT
+    per_chunk = estimate.kv_cache_bytes(shape, max_tokens, 1, cfg, text)
+    per_chunk += estimate.t3_workspace_bytes(shape, max_tokens, 1, cfg, text)
+    free, _ = torch.cuda.mem_get_info(model.device)
+    free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
+    room = free * (1 - estimate.MARGIN_FRACTION)
+    size = min(AUTO_BATCH_LIMIT, wanted)
+    # S3Gen renders a whole group at once: its workspace grows with the group too
+    while size > 1 and size * per_chunk + estimate.s3gen_workspace_bytes(max_tokens, size, cfg) > room:
+        size -= 1
+    return size, (
+        f"batch {size}: {free / 2**30:.1f} GiB free after loading, "
+        f"{per_chunk / 2**30:.2f} GiB per chunk (KV cache + workspace)"
+    )
+
+
 def speak(
     model: LoadedModel,
     request: LoadRequest,
@@ -370,20 +452,34 @@ def speak(
     settings: SynthesisSettings,
     notify: Notify = _quiet,
 ) -> Iterator[AudioChunk]:
-    """Audio for each chunk, in order, as it is made. On CUDA OOM the model is reloaded one preset lower
-    (in place: `model` afterwards is the stepped-down one) and synthesis continues from the failed chunk."""
+    """Audio for each chunk, in order, as it is made. On CUDA OOM a batch of chunks is halved first; at
+    batch 1 the model is reloaded one preset lower (in place: `model` afterwards is the stepped-down one).
+    Either way synthesis continues from the failed chunk, with the same audio (seeds are per chunk)."""
     from chatterbox_cli import pipeline
 
     done = 0
+    cap: int | None = None  # batch size that last ran out of memory, halved
     while done < len(chunks):
+        size, why = batch_size(model, request, len(chunks) - done)
+        if cap is not None and size > cap:
+            size, why = cap, f"batch {cap} after running out of memory with {2 * cap}"
+        if len(chunks) - done > 1:
+            notify(why)
         try:
-            for chunk in pipeline.synthesize(model, chunks[done:], conds, settings, first_index=done):
+            for chunk in pipeline.synthesize(
+                model, chunks[done:], conds, settings, first_index=done, batch_size=size
+            ):
                 done += 1
                 yield chunk
         except torch.cuda.OutOfMemoryError as e:
+            if size > 1:
+                cap = size // 2
+                notify(f"out of GPU memory decoding {size} chunks at once at chunk {done + 1}; trying {cap}")
+                _free_cuda()
+                continue
             decision = _step_down(model.decision, request, e, f"at chunk {done + 1}", notify)
             model.t3 = model.s3gen = None  # type: ignore[assignment]
             _free_cuda()
-            fresh = load_decided(model.checkpoint, decision, request)
+            fresh = load_decided(model.checkpoint, decision, request, notify)
             model.__dict__.update(fresh.__dict__)
             conds = conds.to(model.device, model.dtype)

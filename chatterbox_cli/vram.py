@@ -16,7 +16,7 @@ import importlib.util
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
@@ -218,8 +218,9 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
-def format_plain(report: VramReport) -> str:
-    """The report as plain lines of text (no colour), for pipes, logs and NO_COLOR."""
+def format_plain(report: VramReport, gpu_notes: Mapping[int, str] | None = None) -> str:
+    """The report as plain lines of text (no colour), for pipes, logs and NO_COLOR; `gpu_notes` adds an
+    indented line under the GPU of that NVML index."""
     lines: list[str] = []
     if report.gpus:
         lines.append(f"NVIDIA driver {report.driver_version}, CUDA driver {report.cuda_driver_version}")
@@ -229,6 +230,8 @@ def format_plain(report: VramReport) -> str:
                 f"GPU {g.index}: {g.name}, compute capability {cc}, total {gib(g.total_bytes)}, "
                 f"used {gib(g.used_bytes)}, free {gib(g.free_bytes)}"
             )
+            if gpu_notes and g.index in gpu_notes:
+                lines.append(f"  {gpu_notes[g.index]}")
     elif report.error is None:
         reason = f" ({report.no_gpu_reason})" if report.no_gpu_reason else ""
         lines.append(CPU_FALLBACK_NOTE + reason)

@@ -18,6 +18,8 @@ os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# The quantized-weight cache (chatterbox_cli/quant_cache.py) goes to a throwaway folder, never ~/.cache.
+os.environ["CHATTERBOX_CACHE_DIR"] = os.path.join(_HF_HOME, "chatterbox-cache")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

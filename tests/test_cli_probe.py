@@ -8,13 +8,19 @@ import pty
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
+import huggingface_hub
 import pynvml
 import pytest
 from typer.testing import CliRunner
 
 from chatterbox_cli import __version__
-from chatterbox_cli.cli import app, run
+from chatterbox_cli.checkpoint import DEFAULT_REPO
+from chatterbox_cli.cli import _print_vram_rich, app, run
+from chatterbox_cli.jobs import probe_report
+from chatterbox_cli.service import LoadRequest
 
 JSON_KEYS = {
     "schema_version",
@@ -26,7 +32,21 @@ JSON_KEYS = {
     "bitsandbytes_version",
     "bitsandbytes_error",
     "error",
+    "model",
+    "would_pick_reason",
 }
+GPU_KEYS = {
+    "index",
+    "name",
+    "uuid",
+    "total_bytes",
+    "used_bytes",
+    "free_bytes",
+    "compute_capability",
+    "would_pick",
+    "would_pick_reason",
+}
+GiB = 2**30
 ANSI_ESCAPE = "\x1b["
 
 EnvFactory = Callable[..., dict[str, str]]
@@ -146,3 +166,182 @@ def test_version(make_child_env: EnvFactory) -> None:
     proc = chatterbox(make_child_env(), "--version")
     assert proc.returncode == 0
     assert proc.stdout.strip() == f"chatterbox-cli {__version__}"
+
+
+# --- the "would pick" column ------------------------------------------------------------------------
+
+
+def _fake_gpus(monkeypatch: pytest.MonkeyPatch, free: list[int]) -> None:
+    """NVML (the world's edge) reporting one 80 GiB GPU per entry of `free`, with that many bytes free."""
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: None)
+    monkeypatch.setattr(pynvml, "nvmlSystemGetDriverVersion", lambda: "550.54.15")
+    monkeypatch.setattr(pynvml, "nvmlSystemGetCudaDriverVersion", lambda: 12040)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: len(free))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: SimpleNamespace(i=i))
+    monkeypatch.setattr(
+        pynvml,
+        "nvmlDeviceGetMemoryInfo",
+        lambda h: SimpleNamespace(total=80 * GiB, used=80 * GiB - free[h.i], free=free[h.i]),
+    )
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCudaComputeCapability", lambda h: (8, 6))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: f"Fake GPU {h.i}")
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetUUID", lambda h: f"GPU-{h.i}")
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = run(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _estimate_json(capsys: pytest.CaptureFixture[str], model: str, *args: str) -> dict:
+    """`chatterbox estimate --json` on the CPU: the totals the picks below are set against."""
+    code, out, _ = _cli(capsys, "estimate", "--model", model, "--device", "cpu", "--json", *args)
+    assert code == 0, out
+    return json.loads(out)
+
+
+def _no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Downloads allowed by the environment; any download attempt fails the test."""
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("probe-vram tried to download")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+
+
+def test_gpus_with_different_free_memory_pick_different_presets(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
+    totals = {k: v["total_bytes"] for k, v in _estimate_json(capsys, tiny_checkpoint)["presets"].items()}
+    # (the tiny checkpoint's T3 Linears are too small to quantize, so bnb-4bit may equal bnb-8bit)
+    assert totals["fp16"] > totals["bnb-8bit"] >= totals["bnb-4bit"]
+    free = [totals["fp16"], totals["fp16"] - 1, totals["bnb-4bit"] - 1]
+    _fake_gpus(monkeypatch, free)
+    _no_download(monkeypatch)
+    code, out, err = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert set(doc) == JSON_KEYS and doc["schema_version"] == 1
+    assert doc["model"] == tiny_checkpoint and doc["would_pick_reason"] is None
+    assert [set(g) for g in doc["gpus"]] == [GPU_KEYS] * 3
+    assert [g["would_pick"] for g in doc["gpus"]] == ["fp16", "bnb-8bit", "fp32"]
+    for gpu in doc["gpus"]:
+        assert isinstance(gpu["would_pick"], str) and isinstance(gpu["would_pick_reason"], str)
+    # The service's own wording, the same line `estimate` gives for that much free memory.
+    for gpu in doc["gpus"][:2]:
+        _fake_gpus(monkeypatch, [gpu["free_bytes"]])
+        _, out, _ = _cli(capsys, "estimate", "--model", tiny_checkpoint, "--json")
+        assert gpu["would_pick_reason"] == json.loads(out)["reason"]
+        assert gpu["would_pick_reason"].endswith(f"→ {gpu['would_pick']}")
+    assert doc["gpus"][2]["would_pick_reason"].endswith("→ CPU: running on the CPU")
+
+
+def test_max_tokens_changes_the_pick(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
+    long = _estimate_json(capsys, tiny_checkpoint)["presets"]["fp16"]["total_bytes"]
+    short = _estimate_json(capsys, tiny_checkpoint, "--max-tokens", "100")["presets"]["fp16"]["total_bytes"]
+    assert short < long
+    _fake_gpus(monkeypatch, [short])
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--json")
+    assert code == 0 and json.loads(out)["gpus"][0]["would_pick"] != "fp16"
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--max-tokens", "100", "--json")
+    assert code == 0 and json.loads(out)["gpus"][0]["would_pick"] == "fp16"
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--max-tokens", "0", "--json")
+    assert code == 2 and "--max-tokens" in json.loads(out)["error"]
+
+
+def test_plain_and_rich_show_the_column(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
+    fp16 = _estimate_json(capsys, tiny_checkpoint)["presets"]["fp16"]["total_bytes"]
+    _fake_gpus(monkeypatch, [fp16, 1])
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint)
+    assert code == 0 and ANSI_ESCAPE not in out
+    lines = out.splitlines()
+    assert lines[1].startswith("GPU 0: Fake GPU 0") and lines[3].startswith("GPU 1: Fake GPU 1")
+    assert lines[2].startswith("  would pick: fp16 (") and lines[2].endswith("→ fp16)")
+    assert lines[4].startswith("  would pick: CPU (") and "running on the CPU" in lines[4]
+
+    probe = probe_report(LoadRequest(model=tiny_checkpoint))
+    capsys.readouterr()
+    _print_vram_rich(probe)
+    rich = capsys.readouterr().out
+    header = next(line for line in rich.splitlines() if "would pick" in line)
+    assert header.split("┃")[1:-1][-1].strip() == "would pick"  # the last column, at 80 columns too
+    rows = [line.split("│")[1:-1] for line in rich.splitlines() if line.startswith("│")]
+    assert [r[-1].strip() for r in rows if r[0].strip()] == ["fp16", "CPU"]
+    assert f"GPU 0: {probe.picks[0][1]}" in rich and f"GPU 1: {probe.picks[1][1]}" in rich
+
+
+def test_model_not_downloaded_is_a_normal_answer(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    _no_download(monkeypatch)
+    _fake_gpus(monkeypatch, [8 * GiB, 2 * GiB])
+    code, out, err = _cli(capsys, "probe-vram", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
+    assert set(doc) == JSON_KEYS and doc["model"] == DEFAULT_REPO
+    assert [(g["would_pick"], g["would_pick_reason"]) for g in doc["gpus"]] == [(None, None)] * 2
+    assert doc["would_pick_reason"] == (
+        f"{DEFAULT_REPO} is not downloaded yet; run `chatterbox synthesize` once, or pass --model FOLDER"
+    )
+    assert not (tmp_path / "hf").exists()  # nothing was written into the cache either
+    code, out, _ = _cli(capsys, "probe-vram")
+    assert code == 0
+    assert out.count("  would pick: -\n") == 2
+    assert f"would pick -: {DEFAULT_REPO} is not downloaded yet" in out
+
+
+def test_model_in_the_hub_cache_is_used(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: str
+) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / ("models--" + DEFAULT_REPO.replace("/", "--"))
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    for f in Path(tiny_checkpoint).iterdir():
+        (snapshot / f.name).symlink_to(f)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    _no_download(monkeypatch)
+    _fake_gpus(monkeypatch, [80 * GiB])
+    code, out, _ = _cli(capsys, "probe-vram", "--json")
+    doc = json.loads(out)
+    assert code == 0 and doc["would_pick_reason"] is None
+    assert doc["gpus"][0]["would_pick"] == "fp16"
+
+
+def test_no_gpu_has_no_rows(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tiny_checkpoint: str
+) -> None:
+    _fake_gpus(monkeypatch, [])
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--json")
+    doc = json.loads(out)
+    assert code == 0 and set(doc) == JSON_KEYS
+    assert doc["gpus"] == [] and doc["no_gpu_reason"] == "NVML reports 0 GPUs"
+    assert doc["model"] == tiny_checkpoint and doc["would_pick_reason"] is None
+    code, out, _ = _cli(capsys, "probe-vram", "--model", tiny_checkpoint)
+    assert code == 0 and "would pick" not in out and "no NVIDIA GPU found" in out
+
+
+def test_invalid_local_checkpoint_exits_3_like_estimate(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path, tiny_checkpoint: str
+) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in Path(tiny_checkpoint).iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[: 1000 if f.name == "t3_cfg.safetensors" else None])
+    _fake_gpus(monkeypatch, [8 * GiB])
+    for model in (str(broken), str(tmp_path / "missing")):
+        for command in ("probe-vram", "estimate"):
+            code, out, _ = _cli(capsys, command, "--model", model, "--json")
+            assert code == 3 and json.loads(out)["exit_code"] == 3, (command, model, out)

@@ -1,9 +1,11 @@
 """HiFT vocoder: official key layout, weight-norm loading, parity with the reference, seeding, batching.
 
 Parity fixture: scripts/parity/hift.py (reference HiFTGenerator, our seeded weights, our seeded source
-noise injected into its SineGen). Tolerances: F0 1e-3 Hz (values up to ~300 Hz); source and waveform
-1e-4 absolute (peaks ~0.4-0.6). Here the match is bit-exact for F0/source and ~1e-7 for the waveform;
-the slack covers other CPUs, where a last-ulp F0 change is integrated over 24,000 samples of phase.
+noise injected into its SineGen). Tolerances: F0 1e-3 Hz (values up to ~300 Hz); source 1e-4 and
+waveform 3e-4 absolute (peaks ~0.4-0.6). F0 of the batch matches bit for bit. `inference` runs each row
+alone, while the reference ran the fixture's 2 rows as one batch: the F0 convolutions round differently
+(last ulp), and the source integrates F0 into a phase over 24,000 samples; measured source 2.7e-5,
+waveform 9.3e-5 (english), 3.1e-5 (tiny). The slack also covers other CPUs.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from chatterbox_cli.models.s3gen.hifigan import (
+    DECODE_CONTEXT_FRAMES,
     HiFTConfig,
     HiFTGenerator,
     SourceNoise,
@@ -58,7 +61,7 @@ def _check_parity(model: HiFTGenerator, size: str, fixture: dict[str, torch.Tens
     src_ref = fixture[f"{size}.source"]
     assert (source[:, :, : src_ref.shape[-1]] - src_ref).abs().max().item() <= 1e-4
     assert wav.shape == wav_ref.shape == (2, 24000)
-    assert (wav - wav_ref).abs().max().item() <= 1e-4
+    assert (wav - wav_ref).abs().max().item() <= 3e-4
 
 
 def test_parity_tiny(tiny: HiFTGenerator, fixture: dict[str, torch.Tensor]) -> None:
@@ -177,7 +180,7 @@ def test_cache_source_overwrites_the_start(tiny: HiFTGenerator) -> None:
     assert (wav[:, :960] - plain[:, :960]).abs().max().item() > 1e-5
 
 
-def test_padded_batch_matches_single_rows_away_from_the_padding(tiny: HiFTGenerator) -> None:
+def test_padded_batch_rows_equal_single_rows(tiny: HiFTGenerator) -> None:
     long_mel, short_mel = _mel(50, 4), _mel(30, 5)
     gen = torch.Generator().manual_seed(9)
     n_long = draw_source_noise(1, 9, 50 * 480, gen)
@@ -187,18 +190,30 @@ def test_padded_batch_matches_single_rows_away_from_the_padding(tiny: HiFTGenera
 
     batch_mel = torch.full((2, 80, 50), SILENCE)
     batch_mel[0], batch_mel[1, :, :30] = long_mel[0], short_mel[0]
+    batch_mel[1, :, 30:] = torch.randn(80, 20, generator=gen) * 5  # what padding holds must not matter
     pad_noise = torch.randn(1, 9, 20 * 480, generator=gen)
     noise = SourceNoise(
         torch.cat([n_long.phase, n_short.phase]),
         torch.cat([n_long.noise, torch.cat([n_short.noise, pad_noise], dim=-1)]),
     )
-    wav, _ = tiny.inference(batch_mel, noise=noise, lengths=torch.tensor([50, 30]))
-    # batch size changes the conv kernels' rounding (F0 moves by ~1e-4 Hz); that is all it changes
-    assert (wav[0] - single_long[0]).abs().max().item() <= 1e-4
-    # padding reaches back at most ~13 frames through the convolutions; before that rows agree
-    keep = (30 - 14) * 480
-    assert (wav[1, :keep] - single_short[0, :keep]).abs().max().item() <= 1e-4
-    assert torch.all(wav[1, 30 * 480 :] == 0)
+    wav, source = tiny.inference(batch_mel, noise=noise, lengths=torch.tensor([50, 30]))
+    # each row runs alone on its own frames: the same computation, to the bit
+    assert torch.equal(wav[0], single_long[0])
+    assert torch.equal(wav[1, : 30 * 480], single_short[0])
+    assert torch.all(wav[1, 30 * 480 :] == 0) and torch.all(source[1, :, 30 * 480 :] == 0)
+
+
+def test_per_row_generators_draw_each_row_as_if_alone(tiny: HiFTGenerator) -> None:
+    mels = [_mel(40, 12), _mel(25, 13)]
+    batch_mel = torch.zeros(2, 80, 40)
+    batch_mel[0], batch_mel[1, :, :25] = mels[0][0], mels[1][0]
+    gens = [torch.Generator().manual_seed(s) for s in (21, 22)]
+    wav, _ = tiny.inference(batch_mel, generator=gens, lengths=torch.tensor([40, 25]))
+    for row, (mel, seed) in enumerate(zip(mels, (21, 22), strict=True)):
+        alone, _ = tiny.inference(mel, generator=torch.Generator().manual_seed(seed))
+        assert torch.equal(wav[row, : alone.shape[-1]], alone[0])
+    with pytest.raises(ValueError, match="generators"):
+        tiny.inference(batch_mel, generator=gens[:1])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -215,3 +230,14 @@ def test_16bit_inference_keeps_f0_and_source_in_float32(tiny: HiFTGenerator, dty
     assert wav.dtype == torch.float32
     # measured: fp16 3e-4, bf16 3e-3 (peak ~0.3)
     assert (wav - reference).abs().max().item() <= (2e-3 if dtype == torch.float16 else 1e-2)
+
+
+@pytest.mark.parametrize("chunk", [48, 100])
+def test_chunked_decode_equals_one_pass(tiny: HiFTGenerator, chunk: int) -> None:
+    mel = torch.cat([_mel(230, 10), _mel(230, 11)])
+    source = torch.randn(2, 1, 230 * 480, generator=torch.Generator().manual_seed(4)) * 0.1
+    with torch.inference_mode():
+        one_pass = tiny.decode(mel, source, chunk_frames=10_000)
+        chunked = tiny.decode(mel, source, chunk_frames=chunk)
+    assert tiny.decode_chunk_frames(1, torch.float32) >= 2 * DECODE_CONTEXT_FRAMES
+    assert (chunked - one_pass).abs().max().item() <= 1e-6  # measured 1e-7 (rounding)

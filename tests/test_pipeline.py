@@ -142,3 +142,63 @@ def test_max_tokens_beyond_the_model_is_a_usage_error(loaded: service.LoadedMode
     gen = pipeline.synthesize(loaded, SENTENCES, conds, SynthesisSettings(max_tokens=100_000))
     with pytest.raises(UsageError, match="max-tokens"):
         next(gen)
+
+
+def test_batch_groups_put_the_first_chunk_alone() -> None:
+    assert [list(g) for g in pipeline.batch_groups(6, 2)] == [[0], [1, 2], [3, 4], [5]]
+    assert [list(g) for g in pipeline.batch_groups(1, 8)] == [[0]]
+    assert pipeline.batch_groups(0, 4) == []
+    with pytest.raises(ValueError):
+        pipeline.batch_groups(3, 0)
+
+
+def test_batched_decoding_gives_the_audio_of_one_by_one(loaded: service.LoadedModel, conds) -> None:  # noqa: ANN001
+    """Chunks share T3 steps in a batch, yet each samples from its own generator: same audio, any batch."""
+    texts = [*SENTENCES, "Short one.", "And a final sentence of medium length."]
+    settings = SynthesisSettings(seed=3, **FAST)
+    one = list(pipeline.synthesize(loaded, texts, conds, settings))
+    batched = list(pipeline.synthesize(loaded, texts, conds, settings, batch_size=3))
+    assert [c.index for c in batched] == list(range(len(texts)))
+    for a, b in zip(one, batched, strict=True):
+        assert (a.seed, a.speech_tokens) == (b.seed, b.speech_tokens)
+        np.testing.assert_allclose(b.audio, a.audio, atol=1e-5)
+
+
+def test_fixed_length_decodes_exactly_that_many_tokens(loaded: service.LoadedModel, conds) -> None:  # noqa: ANN001
+    settings = SynthesisSettings(seed=1, **FAST)
+    lengths = {SENTENCES[0]: 7, SENTENCES[1]: 12}
+    chunks = list(
+        pipeline.synthesize(loaded, SENTENCES[:2], conds, settings, batch_size=2, fixed_length=lengths.get)
+    )
+    # T3 decodes exactly 7 and 12 tokens; ids past the S3 codebook (random weights sample some) are dropped
+    counts = [c.speech_tokens for c in chunks]
+    assert 5 <= counts[0] <= 7 and 10 <= counts[1] <= 12, counts
+    assert [c.audio.shape[0] for c in chunks] == [n * 960 for n in counts]
+
+
+def test_out_of_memory_in_a_batch_halves_it_and_keeps_the_audio(
+    tiny_checkpoint: str, loaded: service.LoadedModel, conds, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """The GPU running out of memory (faked at torch's attention: more than one chunk's two CFG rows)
+    makes speak() halve the batch and go on from the failed chunk, with the audio of batch 1."""
+    texts = [*SENTENCES, "One more sentence to make four chunks."]
+    settings = SynthesisSettings(seed=5, **FAST)
+    request = service.LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=20, batch=1)
+    expected = list(service.speak(loaded, request, texts, conds, settings))
+
+    attention = torch.nn.functional.scaled_dot_product_attention
+
+    def small_gpu(q: torch.Tensor, *args, **kwargs) -> torch.Tensor:  # noqa: ANN002, ANN003
+        if q.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (test)")
+        return attention(q, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", small_gpu)
+    notes: list[str] = []
+    request = service.LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=20, batch=3)
+    got = list(service.speak(loaded, request, texts, conds, settings, notes.append))
+    assert any("decoding 3 chunks at once at chunk 2; trying 1" in n for n in notes), notes
+    assert loaded.preset == "fp32"  # the batch shrank; the preset stayed
+    assert [c.index for c in got] == [0, 1, 2, 3]
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a.audio, b.audio)

@@ -21,6 +21,7 @@ from chatterbox_cli.models.s3gen import (
     infer_config,
     random_state_dict,
 )
+from chatterbox_cli.models.s3gen.hifigan import SourceNoise, draw_source_noise
 
 FIXTURES = Path(__file__).parent / "fixtures"
 # fp32 on both sides; tolerances relative to the output's max magnitude. The waveform's is looser: the
@@ -209,3 +210,87 @@ def test_random_checkpoint_folder_speaks_with_its_builtin_voice(tmp_path: Path) 
     assert model.config == S3GenConfig.tiny()
     wav = model.synthesize(torch.tensor([[5, 6, 7]]), conds.gen, generator=torch.Generator().manual_seed(0))
     assert wav.shape == (1, 3 * 960) and torch.isfinite(wav).all()
+
+
+# Batched rows vs the same rows alone, fp32. Mel: op-order differences only (measured 2.1e-6 abs on
+# peaks ~5, i.e. 4e-7 relative). HiFT runs each row alone on its own frames: bit-identical. Waveform of
+# synthesize_rows vs synthesize: the mel's rounding carried through HiFT (measured 7.5e-6 on peaks ~0.1).
+BATCH_MEL_TOL = 1e-5
+BATCH_WAV_TOL = 1e-4
+ROW_LENGTHS = (14, 9, 5)
+
+
+def _rows(seed: int = 5) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 6561, (n,), generator=g) for n in ROW_LENGTHS]
+
+
+def test_padded_batch_mel_and_waveform_equal_each_row_alone(tiny_file: Path) -> None:
+    model = S3Gen.load(tiny_file)
+    cond = _cond(model.config)
+    rows = _rows()
+    longest, prompt_frames = max(ROW_LENGTHS), 2 * cond.prompt_token.size(1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 6561, (len(rows), longest), generator=g)  # arbitrary values past each length
+    noise = torch.randn(len(rows), 80, prompt_frames + 2 * longest, generator=g)
+    for k, row in enumerate(rows):
+        tokens[k, : row.numel()] = row
+    lens = torch.tensor(ROW_LENGTHS)
+    mel = model.tokens_to_mel(tokens, cond, lens, n_timesteps=4, noise=noise)
+    wav = model.mel_to_wav(mel, mel_lens=2 * lens, generator=torch.Generator().manual_seed(1))
+    for k, row in enumerate(rows):
+        n_frames = 2 * row.numel()
+        row_noise = noise[k : k + 1, :, : prompt_frames + n_frames].contiguous()
+        alone = model.tokens_to_mel(row[None], cond, n_timesteps=4, noise=row_noise)
+        err = (mel[k, :, :n_frames] - alone[0]).abs().max() / alone.abs().max()
+        assert err.item() <= BATCH_MEL_TOL
+        assert torch.all(mel[k, :, n_frames:] == 0)
+    # HiFT on the batch's mel, row by row, with each row's slice of the batch's source noise
+    hift = model.mel2wav
+    samples = wav.size(1)
+    source = draw_source_noise(len(rows), 9, samples, torch.Generator().manual_seed(1))
+    batched, _ = hift.inference(mel, noise=source, lengths=2 * lens)
+    for k, row in enumerate(rows):
+        n = 960 * row.numel()
+        row_noise = SourceNoise(source.phase[k : k + 1], source.noise[k : k + 1, :, :n])
+        alone, _ = hift.inference(mel[k : k + 1, :, : 2 * row.numel()], noise=row_noise)
+        assert torch.equal(batched[k, :n], alone[0])
+        assert torch.all(batched[k, n:] == 0)
+
+
+def test_synthesize_rows_equals_synthesize_of_each_row_with_its_seed(tiny_file: Path) -> None:
+    model = S3Gen.load(tiny_file)
+    cond = _cond(model.config)
+    rows = _rows()
+    seeds = [101, 202, 303]
+    out = model.synthesize_rows(rows, cond, [torch.Generator().manual_seed(s) for s in seeds], n_timesteps=4)
+    assert [w.shape for w in out] == [(960 * n,) for n in ROW_LENGTHS]
+    for wav, row, seed in zip(out, rows, seeds, strict=True):
+        alone = model.synthesize(
+            row[None], cond, n_timesteps=4, generator=torch.Generator().manual_seed(seed)
+        )
+        assert (wav - alone[0]).abs().max().item() <= BATCH_WAV_TOL
+        assert torch.all(wav[:480] == 0)  # faded in per row
+    # a row does not depend on its batchmates
+    again = model.synthesize_rows(
+        [rows[1], rows[0]], cond, [torch.Generator().manual_seed(s) for s in (202, 999)], n_timesteps=4
+    )
+    assert (again[0] - out[1]).abs().max().item() <= BATCH_WAV_TOL
+    assert model.synthesize_rows([], cond, []) == []
+    with pytest.raises(ValueError, match="generators"):
+        model.synthesize_rows(rows, cond, [torch.Generator()])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_parked_vocoder_visits_the_gpu_only_during_a_call(tiny_file: Path) -> None:
+    config = S3GenConfig.tiny()
+    resident = S3Gen.load(tiny_file, "cuda", torch.float32)
+    parked = S3Gen.load(tiny_file, "cuda", torch.float32)
+    parked.park_vocoder("cuda")
+    assert next(parked.mel2wav.parameters()).device.type == "cpu"
+    mel = torch.randn(1, config.flow.mel_dim, 20, device="cuda")
+    a = resident.mel_to_wav(mel, torch.Generator("cuda").manual_seed(0))
+    b = parked.mel_to_wav(mel, torch.Generator("cuda").manual_seed(0))
+    assert b.device.type == "cuda" and torch.equal(a, b)
+    assert next(parked.mel2wav.parameters()).device.type == "cpu"

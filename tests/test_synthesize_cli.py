@@ -120,6 +120,17 @@ def test_same_seed_same_audio(synth: Callable[..., tuple[int, str, str]], tmp_pa
     assert a.read_bytes() != c.read_bytes()
 
 
+def test_batch_size_does_not_change_the_audio(
+    synth: Callable[..., tuple[int, str, str]], tmp_path: Path
+) -> None:
+    text = " ".join([TWO_SENTENCES] * 2)  # four chunks: the first alone, then a batch of three
+    one, three = tmp_path / "one.wav", tmp_path / "three.wav"
+    assert synth(text, "-o", str(one), "--seed", "4", "--batch", "1")[0] == 0
+    assert synth(text, "-o", str(three), "--seed", "4", "--batch", "3")[0] == 0
+    a, b = sf.read(str(one))[0], sf.read(str(three))[0]
+    assert a.shape == b.shape and np.abs(a - b).max() <= 2 / 32768  # 16-bit PCM, fp32 rounding
+
+
 def test_chunks_are_joined_with_the_pause(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
     short, long = tmp_path / "short.wav", tmp_path / "long.wav"
     synth(TWO_SENTENCES, "-o", str(short), "--seed", "2", "--pause", "0")
@@ -351,6 +362,8 @@ def test_disk_full(synth: Callable[..., tuple[int, str, str]]) -> None:
         (("Hi.", "-o", "x.wav", "--save-voice", "v.wav"), "ending in .voice"),
         (("Hi.", "-o", "x.wav", "--temperature", "-1"), "temperature"),
         (("Hi.", "-o", "x.wav", "--split", "words"), "Invalid value"),
+        (("Hi.", "-o", "x.wav", "--batch", "0"), "--batch must be auto or a whole number >= 1"),
+        (("Hi.", "-o", "x.wav", "--batch", "many"), "--batch must be auto or a whole number >= 1"),
     ],
 )
 def test_usage_errors(

@@ -6,6 +6,7 @@ decode step that uses them can be captured in a CUDA graph. Logits are [rows, vo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -86,15 +87,26 @@ def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
-def sample_from_logits(logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
+Generators = torch.Generator | Sequence[torch.Generator | None] | None
+
+
+def sample_from_logits(logits: Tensor, generator: Generators = None) -> Tensor:
     """Draw one token per row from softmax(logits). Returns [rows] long.
 
     Uses the exponential race (argmax of p / E with E ~ Exp(1)), which is exactly what `torch.multinomial`
     does for a single sample, so a seeded generator gives the same tokens as multinomial would — and
-    it needs no host sync.
+    it needs no host sync. `generator` may be one per row: then each row's draw depends on its own
+    generator only.
     """
     probs = torch.softmax(logits, dim=-1)
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    race = torch.empty_like(probs)
+    if isinstance(generator, Sequence):
+        if len(generator) != race.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {race.shape[0]} rows")
+        for row, gen in zip(race, generator, strict=True):
+            row.exponential_(1.0, generator=gen)
+    else:
+        race.exponential_(1.0, generator=generator)
     return torch.argmax(probs / race, dim=-1)
 
 
@@ -109,7 +121,7 @@ def process_logits(logits: Tensor, seen: Tensor, settings: SamplingSettings) -> 
 
 
 def choose_next_token(
-    logits: Tensor, seen: Tensor, settings: SamplingSettings, generator: torch.Generator | None = None
+    logits: Tensor, seen: Tensor, settings: SamplingSettings, generator: Generators = None
 ) -> Tensor:
     """Pick the next token per row ([rows] long) from raw float logits [rows, vocab]."""
     logits = process_logits(logits.float(), seen, settings)

@@ -12,8 +12,9 @@ on top of that the backbone applies RoPE over the whole sequence.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -136,6 +137,40 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+def rope_swap(dim: int, device: torch.device | str | None = None) -> Tensor:
+    """P [D, D] with x @ P == (-x2, x1), the "rotate half" of RoPE as a matrix (float32)."""
+    half = dim // 2
+    eye = torch.eye(half, device=device)
+    zero = torch.zeros_like(eye)
+    return torch.cat((torch.cat((zero, eye), dim=1), torch.cat((-eye, zero), dim=1)))
+
+
+def rotation_matrices(cos: Tensor, sin: Tensor, swap: Tensor) -> Tensor:
+    """RoPE for single positions as matrices: [rows, D] cos/sin -> R [rows, D, D] with x @ R == apply_rope.
+
+    R = diag(cos) + P diag(sin) (P from rope_swap). A decode step rotates each row's queries and keys
+    with one batched matmul instead of the five elementwise kernels of apply_rope.
+    """
+    return torch.diag_embed(cos) + swap * sin[:, None, :]
+
+
+@dataclass
+class Rope:
+    """The rotary embedding of a block of positions: cos/sin tables, or per-row matrices for one position."""
+
+    cos: Tensor | None = None  # [T, D] or [rows, 1, T, D]
+    sin: Tensor | None = None
+    rotation: Tensor | None = None  # [rows, D, D], when T == 1
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """x [rows, T, H, D] (projection layout) -> rotated [rows, H, T, D]."""
+        if self.rotation is None:
+            return apply_rope(x.transpose(1, 2), self.cos, self.sin)
+        rows, length, heads, dim = x.shape
+        rotated = torch.bmm(x.reshape(rows, length * heads, dim), self.rotation)
+        return rotated.view(rows, length, heads, dim).transpose(1, 2)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -143,16 +178,19 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        if x.dtype != torch.float32:
+            # one fused kernel (fp32 accumulation) instead of seven on 16-bit activations
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x
 
 
 class KVCache:
     """Preallocated keys and values for every layer: [layers, rows, heads, capacity, head_dim] each.
 
-    Writes go to explicit positions (`index_copy_`), reads see the whole fixed-size buffer under a mask,
-    so a decode step always has the same shapes.
+    Writes go to explicit columns (`index_copy_`), reads see the whole fixed-size buffer under a mask,
+    so a decode step always has the same shapes. `layers(rows)` gives per-layer views of the first rows:
+    a batch whose finished rows were compacted away keeps using the same storage.
     """
 
     def __init__(
@@ -168,10 +206,29 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
-    @staticmethod
-    def nbytes_for(config: T3Config, rows: int, capacity: int, dtype: torch.dtype) -> int:
-        element = torch.empty((), dtype=dtype).element_size()
-        return 2 * config.n_layers * rows * config.n_heads * capacity * config.head_dim * element
+    def layers(self, rows: int) -> list[tuple[Tensor, Tensor]]:
+        return [(self.k[i, :rows], self.v[i, :rows]) for i in range(self.k.shape[0])]
+
+    def keep_rows(self, rows: Tensor) -> None:
+        """Move rows `rows` (in that order) to the front, one layer at a time to bound the temporary."""
+        n = rows.numel()
+        for i in range(self.k.shape[0]):
+            self.k[i, :n] = self.k[i, rows]
+            self.v[i, :n] = self.v[i, rows]
+
+
+def _fuse_linears(*linears: nn.Linear) -> Tensor | None:
+    """Concatenate bias-free Linears' weights along the output dim and point each Linear at its slice.
+    Returns None (nothing fused) unless all are plain nn.Linear: bitsandbytes layers stay separate."""
+    if any(type(m) is not nn.Linear or m.bias is not None for m in linears):
+        return None
+    fused = torch.cat([m.weight.detach() for m in linears])
+    start = 0
+    for m in linears:
+        rows = m.weight.shape[0]
+        m.weight = nn.Parameter(fused[start : start + rows], requires_grad=False)
+        start += rows
+    return fused
 
 
 class Attention(nn.Module):
@@ -184,31 +241,43 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, inner, bias=False)
         self.v_proj = nn.Linear(config.hidden_size, inner, bias=False)
         self.o_proj = nn.Linear(inner, config.hidden_size, bias=False)
+        self.qkv_weight: Tensor | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """One [3 * inner, hidden] weight for q, k and v (one matmul instead of three); the three Linears
+        keep views of it, so nothing is stored twice. Only for plain (unquantized) Linears."""
+        self.qkv_weight = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: Rope,
         cache: tuple[Tensor, Tensor] | None = None,
-        positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        columns: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
+        """Without a cache: causal over x. With one: x's keys/values go to cache `columns` [T] and every
+        query attends to the whole cache under the additive `bias` [rows, 1, T, capacity]."""
         rows, length, _ = x.shape
 
-        def heads(t: Tensor) -> Tensor:
-            return t.view(rows, length, self.n_heads, self.head_dim).transpose(1, 2)
+        def split(t: Tensor) -> Tensor:
+            return t.view(rows, length, self.n_heads, self.head_dim)
 
-        q = apply_rope(heads(self.q_proj(x)), cos, sin)
-        k = apply_rope(heads(self.k_proj(x)), cos, sin)
-        v = heads(self.v_proj(x))
+        if self.qkv_weight is None:
+            q, k, v = rope(split(self.q_proj(x))), rope(split(self.k_proj(x))), split(self.v_proj(x))
+        else:  # one matmul, and q and k rotated together as 2H heads
+            inner = self.n_heads * self.head_dim
+            qk, v = F.linear(x, self.qkv_weight).split([2 * inner, inner], dim=-1)
+            q, k = rope(qk.view(rows, length, 2 * self.n_heads, self.head_dim)).chunk(2, dim=1)
+            v = split(v)
+        v = v.transpose(1, 2)
         if cache is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             k_cache, v_cache = cache
-            k_cache.index_copy_(2, positions, k)
-            v_cache.index_copy_(2, positions, v)
-            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)
+            k_cache.index_copy_(2, columns, k)
+            v_cache.index_copy_(2, columns, v)
+            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias)
         return self.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
 
 
@@ -218,9 +287,17 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: Tensor | None = None  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        self.gate_up_weight = _fuse_linears(self.gate_proj, self.up_proj)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -234,13 +311,12 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: Tensor,
-        cos: Tensor,
-        sin: Tensor,
+        rope: Rope,
         cache: tuple[Tensor, Tensor] | None = None,
-        positions: Tensor | None = None,
-        mask: Tensor | None = None,
+        columns: Tensor | None = None,
+        bias: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, positions, mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, columns, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -256,32 +332,55 @@ class LlamaBackbone(nn.Module):
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
+        self.register_buffer("rope_swap", rope_swap(config.head_dim), persistent=False)
+
+    def fuse_projections(self) -> None:
+        """Fuse q/k/v and gate/up into single matmuls in every layer (fewer kernels per decode step)."""
+        for layer in self.layers:
+            layer.self_attn.fuse_projections()
+            layer.mlp.fuse_projections()
 
     def init_non_persistent_buffers(self, device: torch.device | str) -> None:
         """Recompute the RoPE tables (float32) on `device`, e.g. after loading a model built on `meta`."""
         self.rope_cos, self.rope_sin = rope_tables(self.config, device)
+        self.rope_swap = rope_swap(self.config.head_dim, device)
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
-        """x: [rows, T, hidden]. Without a cache the sequence starts at position 0 and is causal.
-
-        With a cache, `positions` [T] are the absolute positions of x; they are written into the cache and
-        every query attends to cached positions <= its own.
-        """
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [rows, T, hidden], a whole sequence from position 0, causal -> final-norm hidden states."""
         length = x.shape[1]
-        if cache is None:
-            cos = self.rope_cos[:length].to(x.dtype)
-            sin = self.rope_sin[:length].to(x.dtype)
-            for layer in self.layers:
-                x = layer(x, cos, sin)
-            return self.norm(x)
+        rope = Rope(self.rope_cos[:length].to(x.dtype), self.rope_sin[:length].to(x.dtype))
+        for layer in self.layers:
+            x = layer(x, rope)
+        return self.norm(x)
 
-        assert positions is not None
-        cos = self.rope_cos[positions].to(x.dtype)
-        sin = self.rope_sin[positions].to(x.dtype)
-        slots = torch.arange(cache.capacity, device=x.device)
-        mask = slots[None, :] <= positions[:, None]  # [T, capacity]
-        for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, (cache.k[i], cache.v[i]), positions, mask)
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache: Sequence[tuple[Tensor, Tensor]],
+        columns: Tensor,
+        positions: Tensor,
+        key_valid: Tensor,
+    ) -> Tensor:
+        """Run x [rows, T, hidden] against a KV cache (one (k, v) pair per layer, [rows, H, capacity, D]).
+
+        x's keys and values are written to cache `columns` [T]; `positions` [rows, T] are their RoPE
+        positions (a row padded on the left starts counting after its padding); `key_valid` [rows, capacity]
+        is False at padding columns. A query sees valid columns up to its own, and always itself, so a
+        padding query's scores are never all masked.
+        """
+        rows, length, _ = x.shape
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [rows, T, D], float32
+        if length == 1:
+            rotation = rotation_matrices(cos[:, 0], sin[:, 0], self.rope_swap.float())
+            rope = Rope(rotation=rotation.to(x.dtype))
+        else:
+            rope = Rope(cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
+        slots = torch.arange(key_valid.shape[1], device=x.device)
+        visible = (key_valid[:, None, :] & (slots <= columns[:, None])) | (slots == columns[:, None])
+        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, -math.inf)
+        bias = bias[:, None]  # [rows, 1, T, capacity]
+        for layer, layer_cache in zip(self.layers, cache, strict=True):
+            x = layer(x, rope, layer_cache, columns, bias)
         return self.norm(x)
 
 
@@ -370,67 +469,167 @@ class T3Output:
 
 
 def combine_cfg(logits: Tensor, cfg_weight: float) -> Tensor:
-    """Classifier-free guidance over rows (conditional, unconditional): cond + w * (cond - uncond)."""
-    cond, uncond = logits[0:1], logits[1:2]
+    """Classifier-free guidance: rows are [conditional rows; unconditional rows] in two equal halves,
+    combined as cond + w * (cond - uncond)."""
+    cond, uncond = logits.chunk(2)
     return cond + cfg_weight * (cond - uncond)
 
 
 STOP_CHECK_EVERY = 16  # decode steps between host reads of the stop token
 
 
-class DecodeStep:
-    """One decode step (a sampled speech token in, next speech logits out) with static shapes.
+def _decode_body(
+    model: T3,
+    tokens: Tensor,
+    texts: int,
+    per_text: int,
+    column: Tensor,
+    positions: Tensor,
+    speech_position: Tensor,
+    key_valid: Tensor,
+    cache_k: Tensor,
+    cache_v: Tensor,
+) -> Tensor:
+    """One token per text in (the first `texts` of `tokens`); next speech logits per row out ([rows, V]).
 
-    The token, its positions and the KV cache live in fixed buffers, so on CUDA the whole step through the
-    30-layer backbone can be captured once per utterance and replayed: one launch per token instead of
-    hundreds, which is what makes batch-1 decoding GPU-bound rather than host-bound.
+    Rows are the texts' conditional rows, then (per_text 2: CFG) their unconditional rows, which get the
+    same token. The buffers are whole and sliced here, so compiled code sees fixed storage.
+    """
+    rows = texts * per_text
+    emb = model.speech_emb(tokens[:texts, None]) + model.speech_pos_emb.emb.weight[speech_position]
+    if per_text > 1:
+        emb = emb.repeat(per_text, 1, 1)
+    cache = [(cache_k[i, :rows], cache_v[i, :rows]) for i in range(cache_k.shape[0])]
+    hidden = model.tfmr.forward_cached(emb, cache, column, positions[:rows, None], key_valid[:rows])
+    return model.speech_head(hidden[:, -1])
+
+
+@functools.cache
+def _compiled_decode_body() -> Callable[..., Tensor]:
+    return torch.compile(_decode_body, mode="reduce-overhead")
+
+
+class DecodeStep:
+    """The decode step of a batch of texts (one sampled speech token per text in, next logits out) with
+    static shapes.
+
+    Tokens, positions and the KV cache live in fixed buffers, so on CUDA the step through the whole
+    backbone is captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
+    When texts finish, `keep` moves the remaining rows to the front of the same buffers and later steps
+    run (and are captured) for the smaller batch, so finished texts stop costing compute.
     """
 
-    def __init__(self, model: T3, rows: int, capacity: int) -> None:
+    def __init__(
+        self,
+        model: T3,
+        texts: int,
+        cfg: bool,
+        capacity: int,
+        pads: Tensor,
+        *,
+        cuda_graph: bool = True,
+        compiled: bool = False,
+    ) -> None:
         self.model = model
-        self.rows = rows
+        self.texts = texts
+        self.per_text = 2 if cfg else 1
+        rows = texts * self.per_text
         device = model.device
         self.cache = KVCache(model.config, rows, capacity, device, model.dtype)
-        self.token = torch.zeros(1, dtype=torch.long, device=device)
-        self.position = torch.zeros(1, dtype=torch.long, device=device)
-        self.speech_position = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: Tensor | None = None
-        self.mode = "eager"
+        self.tokens = torch.zeros(texts, dtype=torch.long, device=device)
+        self.column = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
+        self.speech_position = torch.zeros(1, dtype=torch.long, device=device)
+        slots = torch.arange(capacity, device=device)
+        self.pads = pads.to(device)
+        self.key_valid = slots[None, :] >= self.pads[:, None]  # [rows, capacity]
+        self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        on_cuda = device.type == "cuda"
+        # torch.compile(mode="reduce-overhead") only on CUDA (CPU inductor needs a C++ toolchain); it brings
+        # its own CUDA graphs, which need the buffers it mutates marked static.
+        self.compiled = compiled and on_cuda
+        self.use_graph = cuda_graph and on_cuda and not self.compiled
+        if self.compiled:
+            buffers = (self.cache.k, self.cache.v, self.tokens, self.column, self.positions)
+            for buffer in (*buffers, self.speech_position, self.key_valid):
+                torch._dynamo.mark_static_address(buffer)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool: tuple[int, int] | None = None
+        self.mode = "torch.compile" if self.compiled else "cuda-graph" if self.use_graph else "eager"
+
+    @property
+    def rows(self) -> int:
+        return self.texts * self.per_text
+
+    def prefill(self, prompt: Tensor) -> Tensor:
+        """Run the left-padded prompts [rows, L, hidden]; speech logits of their last position [rows, V]."""
+        length = prompt.shape[1]
+        columns = torch.arange(length, device=prompt.device)
+        positions = (columns[None, :] - self.pads[:, None]).clamp(min=0)
+        hidden = self.model.tfmr.forward_cached(
+            prompt, self.cache.layers(self.rows), columns, positions, self.key_valid
+        )
+        self.column.fill_(length)
+        self.positions.copy_(positions[:, -1] + 1)
+        self.speech_position.fill_(1)  # the prompt ends with the start token at speech position 0
+        return self.model.speech_head(hidden[:, -1])
 
     def _run(self) -> Tensor:
-        m = self.model
-        embeds = m.speech_emb(self.token[:, None]) + m.speech_pos_emb.emb.weight[self.speech_position]
-        return m.step_logits(embeds.expand(self.rows, -1, -1), self.cache, self.position)
+        body = _compiled_decode_body() if self.compiled else _decode_body
+        return body(
+            self.model,
+            self.tokens,
+            self.texts,
+            self.per_text,
+            self.column,
+            self.positions,
+            self.speech_position,
+            self.key_valid,
+            self.cache.k,
+            self.cache.v,
+        )
 
-    def capture(self) -> None:
-        """Record the step as a CUDA graph (all layers must be capturable: no host syncs)."""
+    def _capture(self) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        # Warm-up runs (lazy init, cuBLAS workspaces) write garbage keys/values at the current column only,
+        # which the next real step overwrites before anything reads it.
         side = torch.cuda.Stream(self.model.device)
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up outside the graph: lazy init, workspace allocation
+            for _ in range(2):
                 self._run()
         torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._run()
-        self.mode = "cuda-graph"
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._run()
+        self.pool = graph.pool()
+        return graph, logits
 
-    def start(self, prompt_len: int) -> None:
-        """After the prefill: the first generated token sits at `prompt_len`, speech position 1."""
-        self.position.fill_(prompt_len)
-        self.speech_position.fill_(1)
-
-    def __call__(self, token: Tensor) -> Tensor:
-        self.token.copy_(token)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
+    def __call__(self, tokens: Tensor) -> Tensor:
+        """tokens [texts] long -> logits [rows, V]; then the step's column and positions advance."""
+        self.tokens[: self.texts].copy_(tokens)
+        if self.compiled:
+            logits = self._run().clone()  # its output buffer is reused by the next replay
+        elif self.use_graph:
+            if self.texts not in self.graphs:
+                self.graphs = {self.texts: self._capture()}
+            graph, logits = self.graphs[self.texts]
+            graph.replay()
         else:
             logits = self._run()
-        self.position += 1
+        self.column += 1
+        self.positions += 1
         self.speech_position += 1
         return logits
+
+    def keep(self, texts: list[int]) -> None:
+        """Keep only these texts (indices into the current batch, in order) for the following steps."""
+        index = torch.tensor(texts, dtype=torch.long, device=self.model.device)
+        if self.per_text == 2:
+            index = torch.cat((index, index + self.texts))
+        self.cache.keep_rows(index)
+        n = index.numel()
+        self.positions[:n] = self.positions[index]
+        self.key_valid[:n] = self.key_valid[index]
+        self.texts = len(texts)
 
 
 class T3(nn.Module):
@@ -447,7 +646,7 @@ class T3(nn.Module):
         self.speech_pos_emb = LearnedPositions(config.speech_positions, dim)
         self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
-        self.last_decode_mode = "none"  # how the last generate() ran its steps: eager or cuda-graph
+        self.last_decode_mode = "none"  # how the last generate() ran its steps: eager, cuda-graph, ...
 
     @property
     def device(self) -> torch.device:
@@ -522,7 +721,7 @@ class T3(nn.Module):
     # -- decoding -----------------------------------------------------------------------------------------
 
     def prompt_embeds(self, text_tokens: Tensor, cond: T3Cond, rows: int) -> Tensor:
-        """The prefill sequence [rows, cond_len + T + 2, hidden].
+        """The prefill sequence of one text [rows, cond_len + T + 2, hidden] (rows 2: with the CFG row).
 
         It ends with the start-of-speech token twice, both at speech position 0: once as the speech
         segment and once as the "BOS" the reference's decoding loop appends. That is what the reference
@@ -536,15 +735,23 @@ class T3(nn.Module):
         bos = self.speech_emb(start) + self.speech_pos_emb.emb.weight[0]
         return torch.cat((cond_emb.expand(rows, -1, -1), text, bos.expand(rows, -1, -1)), dim=1)
 
-    def step_logits(self, embeds: Tensor, cache: KVCache, positions: Tensor) -> Tensor:
-        """Run new positions through the backbone; speech logits of the last one, [rows, speech_vocab]."""
-        hidden = self.tfmr(embeds, cache, positions)
-        return self.speech_head(hidden[:, -1])
+    def batch_prompt(self, texts: Sequence[Tensor], cond: T3Cond, cfg: bool) -> tuple[Tensor, Tensor]:
+        """Prompts of several texts, left-padded to one length so they all end at the same column.
+
+        Returns embeddings [rows, L, hidden] (the texts' conditional rows, then with `cfg` their
+        unconditional rows) and each row's padding length [rows].
+        """
+        per_text = 2 if cfg else 1
+        prompts = [self.prompt_embeds(t, cond, per_text) for t in texts]
+        length = max(p.shape[1] for p in prompts)
+        rows = [F.pad(p[r], (0, 0, length - p.shape[1], 0)) for r in range(per_text) for p in prompts]
+        pads = [length - p.shape[1] for _ in range(per_text) for p in prompts]
+        return torch.stack(rows), torch.tensor(pads, dtype=torch.long, device=self.device)
 
     def _check_text_tokens(self, text_tokens: Tensor) -> Tensor:
         tokens = torch.atleast_2d(text_tokens).to(device=self.device, dtype=torch.long)
         if tokens.shape[0] != 1:
-            raise ValueError(f"generate() takes one text sequence, got a batch of {tokens.shape[0]}")
+            raise ValueError(f"give one text per sequence, got a batch of {tokens.shape[0]}")
         cfg = self.config
         if int(tokens[0, 0]) != cfg.start_text_token or int(tokens[0, -1]) != cfg.stop_text_token:
             raise ValueError(
@@ -557,7 +764,16 @@ class T3(nn.Module):
             )
         return tokens
 
-    @torch.inference_mode()
+    def _check_limit(self, max_new_tokens: int) -> int:
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if max_new_tokens + 1 > self.config.speech_positions:
+            raise ValueError(
+                f"max_new_tokens {max_new_tokens} exceeds the speech length limit "
+                f"{self.config.speech_positions - 1}"
+            )
+        return max_new_tokens
+
     def generate(
         self,
         text_tokens: Tensor,
@@ -569,68 +785,117 @@ class T3(nn.Module):
         generator: torch.Generator | None = None,
         ignore_stop: bool = False,
         cuda_graph: bool = True,
+        compiled: bool = False,
     ) -> Tensor:
-        """Decode speech tokens for one text. Returns LongTensor [n] without start/stop tokens.
+        """Decode speech tokens for one text [T] or [1, T]. Returns LongTensor [n] without start/stop
+        tokens. See generate_batch."""
+        return self.generate_batch(
+            [text_tokens],
+            cond,
+            max_new_tokens=max_new_tokens,
+            cfg_weight=cfg_weight,
+            sampling=sampling,
+            generators=[generator],
+            ignore_stop=ignore_stop,
+            cuda_graph=cuda_graph,
+            compiled=compiled,
+        )[0]
 
-        cfg_weight > 0 runs a conditional and an unconditional row; cfg_weight == 0 runs only the
-        conditional row (half the KV cache). With `ignore_stop` the stop token is never sampled and exactly
-        `max_new_tokens` tokens come back. On CUDA the per-token step replays a captured CUDA graph unless
-        `cuda_graph` is False (`last_decode_mode` says which ran).
+    @torch.inference_mode()
+    def generate_batch(
+        self,
+        texts: Sequence[Tensor],
+        cond: T3Cond,
+        *,
+        max_new_tokens: int | Sequence[int] = 1000,
+        cfg_weight: float = 0.5,
+        sampling: SamplingSettings | None = None,
+        generators: Sequence[torch.Generator | None] | None = None,
+        ignore_stop: bool = False,
+        cuda_graph: bool = True,
+        compiled: bool = False,
+    ) -> list[Tensor]:
+        """Decode speech tokens for several texts at once, all in one voice. Returns one LongTensor [n_i]
+        per text, without start/stop tokens.
+
+        cfg_weight > 0 runs a conditional and an unconditional row per text; 0 runs only the conditional
+        row (half the KV cache). `max_new_tokens` is one limit or one per text. Each text samples from its
+        own generator (`generators`, None: torch's global RNG), so its tokens do not depend on which texts
+        share its batch. With `ignore_stop` the stop token is never sampled and each text gets exactly its
+        limit. Finished texts leave the batch at the next stop check. On CUDA each step replays a captured
+        CUDA graph unless `cuda_graph` is False; `compiled` uses torch.compile(mode="reduce-overhead")
+        and its graphs instead (CUDA only; slower on the H100, see benchmarks/speed.py).
+        `last_decode_mode` says which ran.
         """
+        n = len(texts)
+        if n == 0:
+            return []
         sampling = sampling or SamplingSettings()
         cfg = self.config
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if max_new_tokens + 1 > cfg.speech_positions:
-            raise ValueError(
-                f"max_new_tokens {max_new_tokens} exceeds the speech length limit {cfg.speech_positions - 1}"
-            )
+        limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        if len(limits) != n:
+            raise ValueError(f"{len(limits)} max_new_tokens for {n} texts")
+        limits = [self._check_limit(m) for m in limits]
         if cfg_weight < 0:
             raise ValueError(f"cfg_weight must be >= 0, got {cfg_weight}")
-        tokens = self._check_text_tokens(text_tokens)
-        rows = 2 if cfg_weight > 0 else 1
+        gens = list(generators) if generators is not None else [None] * n
+        if len(gens) != n:
+            raise ValueError(f"{len(gens)} generators for {n} texts")
+        tokens = [self._check_text_tokens(t) for t in texts]
         device = self.device
 
-        prompt = self.prompt_embeds(tokens, cond, rows)
-        prompt_len = prompt.shape[1]
-        step = DecodeStep(self, rows, prompt_len + max_new_tokens)
-        if cuda_graph and device.type == "cuda":
-            step.capture()
+        prompt, pads = self.batch_prompt(tokens, cond, cfg_weight > 0)
+        capacity = prompt.shape[1] + max(limits)
+        step = DecodeStep(self, n, cfg_weight > 0, capacity, pads, cuda_graph=cuda_graph, compiled=compiled)
         self.last_decode_mode = step.mode
-        logits = self.step_logits(prompt, step.cache, torch.arange(prompt_len, device=device))
-        step.start(prompt_len)
+        logits = step.prefill(prompt)
 
-        out = torch.empty(max_new_tokens, dtype=torch.long, device=device)
-        seen = torch.zeros(1, cfg.speech_vocab_size, dtype=torch.bool, device=device)
-        seen[0, cfg.start_speech_token] = True
-        n = max_new_tokens
-        for i in range(max_new_tokens):
-            if rows == 2:
+        out = torch.zeros(n, max(limits), dtype=torch.long, device=device)
+        decoded = [0] * n  # tokens decoded per text (past a stop too, until the host sees it)
+        active = list(range(n))  # the texts in the batch, in row order
+        active_index = torch.arange(n, device=device)
+        seen = torch.zeros(n, cfg.speech_vocab_size, dtype=torch.bool, device=device)
+        seen[:, cfg.start_speech_token] = True
+        i = 0
+        while True:
+            if cfg_weight > 0:
                 logits = combine_cfg(logits, cfg_weight)
             logits = logits.float()
             if ignore_stop:
                 logits[:, cfg.stop_speech_token] = float("-inf")
-            token = choose_next_token(logits, seen, sampling, generator)  # [1]
-            out[i] = token[0]
-            # The host looks for the stop token only every STOP_CHECK_EVERY tokens, so the GPU never waits
-            # for the CPU in between; the few tokens decoded past a stop are cut below.
-            window = out[i + 1 - STOP_CHECK_EVERY : i + 1]
-            if (
-                not ignore_stop
-                and (i + 1) % STOP_CHECK_EVERY == 0
-                and bool((window == cfg.stop_speech_token).any())
-            ):
-                n = i + 1
-                break
-            if i == max_new_tokens - 1:
+            token = choose_next_token(logits, seen, sampling, [gens[t] for t in active])
+            out[:, i].index_copy_(0, active_index, token)  # no host index: a host->device copy would sync
+            i += 1
+            finished = {r for r, t in enumerate(active) if i >= limits[t]}
+            # The host looks for stop tokens only every STOP_CHECK_EVERY steps, so the GPU never waits for
+            # the CPU in between; the few tokens decoded past a stop are cut below.
+            if not ignore_stop and i % STOP_CHECK_EVERY == 0:
+                window = out[active_index, i - STOP_CHECK_EVERY : i]
+                stopped = (window == cfg.stop_speech_token).any(dim=1).tolist()
+                finished |= {r for r, s in enumerate(stopped) if s}
+            for r in finished:
+                decoded[active[r]] = i
+            if len(finished) == len(active):
                 break
             seen.scatter_(1, token[:, None], True)
+            if finished:
+                keep = [r for r in range(len(active)) if r not in finished]
+                step.keep(keep)
+                active = [active[r] for r in keep]
+                kept = torch.tensor(keep, device=device)
+                active_index, seen, token = active_index[kept], seen[kept], token[kept]
             logits = step(token)
-        if not ignore_stop:
-            stops = (out[:n] == cfg.stop_speech_token).nonzero()
-            if stops.numel():
-                n = int(stops[0, 0])
-        return out[:n].clone()
+
+        results = []
+        host = out.cpu()
+        for t in range(n):
+            length = decoded[t]
+            if not ignore_stop:
+                stops = (host[t, :length] == cfg.stop_speech_token).nonzero()
+                if stops.numel():
+                    length = int(stops[0, 0])
+            results.append(out[t, :length].clone())
+        return results
 
 
 def _stable_seed(seed: int, name: str) -> int:

@@ -44,8 +44,29 @@ class LinearEmbed(nn.Module):
         return x, pos
 
 
+# Bytes of one query block's raw position scores [B, H, n, T+n-1]. The attention holds at most a few
+# tensors of this size at once (those scores, the [B, H, n, T] bias built from them, what the SDPA kernel
+# allocates), so its workspace no longer grows with T^2.
+ATTN_BLOCK_BYTES = 16 * 1024**2
+
+
+def query_block_size(batch: int, heads: int, length: int, element_bytes: int, budget: int) -> int:
+    """Query rows n per block such that the block's raw position scores [batch, heads, n, length+n-1]
+    fit in `budget` bytes (at least one row)."""
+    per_row = budget // (batch * heads * element_bytes)  # n * (length + n - 1) must not exceed this
+    n = (math.isqrt((length - 1) ** 2 + 4 * per_row) - (length - 1)) // 2
+    return max(1, min(length, n))
+
+
 class RelPositionAttention(nn.Module):
-    """Multi-head self-attention with Transformer-XL style relative positions (learned u/v biases)."""
+    """Multi-head self-attention with Transformer-XL style relative positions (learned u/v biases).
+
+    score(i, j) = ((q_i + u) . k_j + (q_i + v) . p_(i-j)) / sqrt(d), keys past each length masked.
+    Queries are processed in blocks (`block_bytes`); each block's position term is passed to SDPA as
+    an additive bias, so the content scores and softmax stay inside the fused kernel where one exists.
+    """
+
+    block_bytes: int = ATTN_BLOCK_BYTES
 
     def __init__(self, d_model: int, n_heads: int) -> None:
         super().__init__()
@@ -60,29 +81,37 @@ class RelPositionAttention(nn.Module):
         self.pos_bias_v = nn.Parameter(torch.zeros(n_heads, self.head_dim))
 
     def forward(self, x: Tensor, key_mask: Tensor, pos: Tensor) -> Tensor:
-        """x [B, T, D]; key_mask [B, T] bool; pos [1, 2T-1, D]."""
+        """x [B, T, D]; key_mask [B, T] bool (every row needs a valid key); pos [1, 2T-1, D]."""
         b, t, _ = x.shape
         h, d = self.n_heads, self.head_dim
         q = self.linear_q(x).view(b, t, h, d)
         k = self.linear_k(x).view(b, t, h, d).transpose(1, 2)
         v = self.linear_v(x).view(b, t, h, d).transpose(1, 2)
-        p = self.linear_pos(pos).view(1, -1, h, d).transpose(1, 2)  # [1, H, 2T-1, d]
+        p = self.linear_pos(pos).view(1, -1, h, d).transpose(1, 2)  # [1, H, 2T-1, d], distance T-1 first
+        q_u = (q + self.pos_bias_u).transpose(1, 2)
+        q_v = (q + self.pos_bias_v).transpose(1, 2)
+        key_bias = torch.zeros(b, 1, 1, t, device=x.device, dtype=q.dtype)
+        key_bias = key_bias.masked_fill(~key_mask[:, None, None, :], float("-inf"))
 
-        content = torch.matmul((q + self.pos_bias_u).transpose(1, 2), k.transpose(-2, -1))  # [B, H, T, T]
-        position = torch.matmul((q + self.pos_bias_v).transpose(1, 2), p.transpose(-2, -1)).contiguous()
-        # position[..., i, c] scores distance (T-1-c); query i vs key j needs c = T-1-i+j, i.e. the flat
-        # offset (T-1) + i*(2T-2) + j inside each [T, 2T-1] slab.
-        position = position.as_strided(
-            (b, h, t, t),
-            (position.stride(0), position.stride(1), 2 * t - 2, 1),
-            position.storage_offset() + t - 1,
-        )
-        scores = (content + position) / math.sqrt(d)
-        masked = ~key_mask[:, None, None, :]
-        scores = scores.masked_fill(masked, float("-inf"))
-        weights = torch.softmax(scores, dim=-1).masked_fill(masked, 0.0)
-        out = torch.matmul(weights, v).transpose(1, 2).reshape(b, t, h * d)
-        return self.linear_out(out)
+        block = query_block_size(b, h, t, q.element_size(), self.block_bytes)
+        out = q.new_empty(b, t, h, d)
+        for i0 in range(0, t, block):
+            i1 = min(i0 + block, t)
+            n = i1 - i0
+            # queries i0..i1-1 against keys 0..T-1 span distances i0-(T-1) .. i1-1, which are the
+            # columns T-i1 .. 2T-2-i0 of p: a window of T+n-1 columns.
+            raw = torch.matmul(q_v[:, :, i0:i1], p[:, :, t - i1 : 2 * t - 1 - i0].transpose(-2, -1))
+            raw = raw.contiguous()
+            # local query r vs key j needs window column n-1-r+j: flat offset (n-1) + r*(T+n-2) + j
+            position = raw.as_strided(
+                (b, h, n, t), (raw.stride(0), raw.stride(1), t + n - 2, 1), raw.storage_offset() + n - 1
+            )
+            bias = torch.add(key_bias, position, alpha=1.0 / math.sqrt(d))
+            del raw, position
+            block_out = F.scaled_dot_product_attention(q_u[:, :, i0:i1], k, v, attn_mask=bias)
+            del bias  # before the next block's scores exist
+            out[:, i0:i1] = block_out.transpose(1, 2)
+        return self.linear_out(out.view(b, t, h * d))
 
 
 class FeedForward(nn.Module):

@@ -207,8 +207,9 @@ class ConditionalDecoder(nn.Module):
         for resnet, blocks in self.mid_blocks:
             h = self._run_transformers(blocks, resnet(h, mask, time), bias)
         resnet, blocks, conv = self.up_blocks[0]
-        h = torch.cat([h, skip], dim=1)
-        h = self._run_transformers(blocks, resnet(h, mask, time), bias)
+        h = resnet(torch.cat([h, skip], dim=1), mask, time)
+        del skip  # neither the skip nor the concatenation is needed in the transformers
+        h = self._run_transformers(blocks, h, bias)
         h = conv(h * mask)
         h = self.final_block(h, mask)
         return self.final_proj(h * mask) * mask

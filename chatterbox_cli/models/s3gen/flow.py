@@ -9,6 +9,7 @@ Parameter names follow the official `s3gen.safetensors` (`flow.*`).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -146,13 +147,15 @@ class Flow(nn.Module):
         embedding: Tensor,
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Mel for `tokens` [B, T] (valid lengths `token_lens` [B]) in the voice of the prompt.
 
         prompt_token [1 or B, P]; prompt_feat [1 or B, 2P, 80]; embedding [1 or B, spk_dim]; all rows
         share the prompt length P. `noise` [B, 80, 2P + 2T] is the ODE start; without it, standard
         normal noise is drawn (from `generator` if given, else the global RNG, like the reference).
+        A list of B generators draws each row's noise [1, 80, 2P + 2 token_lens[b]] from its own, so a
+        row starts from the noise it would get alone.
         Returns (mel [B, 80, 2T] zero past each length, mel lengths [B] = 2 * token_lens).
         """
         n_timesteps = self.config.n_timesteps if n_timesteps is None else n_timesteps
@@ -173,7 +176,16 @@ class Flow(nn.Module):
         cond = torch.zeros(b, total, self.config.mel_dim, device=device, dtype=dtype)
         cond[:, :n_prompt_frames] = prompt_feat
         mask = lengths_to_mask(mel_lengths, total)[:, None].to(dtype)
-        if noise is None:
+        if noise is None and isinstance(generator, Sequence):
+            if len(generator) != b:
+                raise ValueError(f"{b} rows but {len(generator)} generators")
+            noise = torch.zeros(b, self.config.mel_dim, total, device=device, dtype=dtype)
+            for row, (gen, n) in enumerate(zip(generator, mel_lengths.tolist(), strict=True)):
+                row_noise = torch.randn(
+                    (1, self.config.mel_dim, n), generator=gen, device=gen.device, dtype=dtype
+                )
+                noise[row, :, :n] = row_noise[0]
+        elif noise is None:
             noise = torch.randn(
                 (b, self.config.mel_dim, total),
                 generator=generator,

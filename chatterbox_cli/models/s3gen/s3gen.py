@@ -8,7 +8,7 @@ part is built, loaded and freed on its own (`S3Gen.load(..., parts=...)`, `load_
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -243,6 +243,7 @@ class S3Gen(nn.Module):
         self.speaker_encoder: nn.Module | None = None
         self.flow: Flow | None = None
         self.mel2wav: nn.Module | None = None
+        self.vocoder_home: torch.device | None = None  # set by park_vocoder
         for part in parts:
             setattr(self, part, _build_part(self.config, part))
 
@@ -298,10 +299,11 @@ class S3Gen(nn.Module):
         token_lens: Tensor | None = None,
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """tokens [B, T] long (< 6561) -> mel [B, 80, 2T]; row b is valid for 2 * token_lens[b] frames
-        and zero after. `noise` [B, 80, 2P + 2T] (P = prompt tokens) or `generator` fixes the ODE start."""
+        and zero after. `noise` [B, 80, 2P + 2T] (P = prompt tokens) or `generator` (one, or one per
+        row) fixes the ODE start."""
         self._need("flow")
         tokens = torch.atleast_2d(tokens)
         device = self.flow.encoder_proj.weight.device
@@ -321,12 +323,27 @@ class S3Gen(nn.Module):
         return mel
 
     def mel_to_wav(
-        self, mel: Tensor, generator: torch.Generator | None = None, mel_lens: Tensor | None = None
+        self,
+        mel: Tensor,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        mel_lens: Tensor | None = None,
     ) -> Tensor:
-        """mel [B, 80, F] -> waveform [B, F * 480] float32 at 24 kHz (zero past each row's mel_lens)."""
+        """mel [B, 80, F] -> waveform [B, F * 480] float32 at 24 kHz (zero past each row's mel_lens; a
+        row's valid samples do not depend on the padding). One generator, or one per row."""
         self._need("mel2wav")
-        wav, _ = self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)
-        return wav
+        if self.vocoder_home is None:
+            return self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)[0]
+        self.mel2wav.to(self.vocoder_home)
+        try:
+            return self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)[0]
+        finally:
+            self.mel2wav.to("cpu")
+
+    def park_vocoder(self, home: torch.device | str) -> None:
+        """Keep HiFT in host memory between calls; each mel_to_wav moves it to `home` and back."""
+        self._need("mel2wav")
+        self.vocoder_home = torch.device(home)
+        self.mel2wav.to("cpu")
 
     def synthesize(
         self,
@@ -335,12 +352,14 @@ class S3Gen(nn.Module):
         token_lens: Tensor | None = None,
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> Tensor:
         """tokens [B, T] -> waveform [B, 2T * 480] at 24 kHz, valid for 960 * token_lens[b] samples.
 
         One `generator` seeds both the flow's start noise and the vocoder's source noise (in that
-        order), so a seed reproduces the audio. The first 40 ms are faded in as the reference does.
+        order), so a seed reproduces the audio; a list of B generators does so per row, and row b then
+        equals the row synthesized alone with its generator. The first 40 ms are faded in as the
+        reference does.
         """
         tokens = torch.atleast_2d(tokens)
         if token_lens is None:
@@ -350,6 +369,35 @@ class S3Gen(nn.Module):
         fade = trim_fade(device=wav.device)
         n = min(fade.numel(), wav.size(1))
         return torch.cat([wav[:, :n] * fade[:n], wav[:, n:]], dim=1)
+
+    def synthesize_rows(
+        self,
+        tokens_list: Sequence[Tensor],
+        cond: GenCond,
+        generators: Sequence[torch.Generator],
+        n_timesteps: int | None = None,
+    ) -> list[Tensor]:
+        """Several utterances in one padded, batched flow call and one HiFT call (which runs row by row,
+        see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech tokens,
+        < 6561), faded in per row.
+
+        Row k's noise comes from `generators[k]` only, so it equals `synthesize(tokens_list[k][None],
+        cond, generator=<same seed>)` up to float rounding, whatever its batchmates.
+        """
+        if len(generators) != len(tokens_list):
+            raise ValueError(f"{len(tokens_list)} token rows but {len(generators)} generators")
+        if not tokens_list:
+            return []
+        lengths = [int(t.numel()) for t in tokens_list]
+        if min(lengths) < 1:
+            raise ValueError("every row needs at least one speech token")
+        tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        for row, (row_tokens, n) in enumerate(zip(tokens_list, lengths, strict=True)):
+            tokens[row, :n] = row_tokens.reshape(-1).cpu()
+        token_lens = torch.tensor(lengths, dtype=torch.long)
+        wav = self.synthesize(tokens, cond, token_lens, n_timesteps, generator=list(generators))
+        samples_per_token = MEL_FRAMES_PER_TOKEN * self.mel2wav.config.samples_per_frame
+        return [wav[row, : n * samples_per_token] for row, n in enumerate(lengths)]
 
     def forward(self, tokens: Tensor, cond: GenCond, **kwargs: object) -> Tensor:
         return self.synthesize(tokens, cond, **kwargs)  # type: ignore[arg-type]
