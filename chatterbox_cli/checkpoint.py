@@ -7,12 +7,16 @@ import json
 import os
 import re
 import struct
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, UsageError
+
+if TYPE_CHECKING:
+    import torch
 
 # Bytes per element of each safetensors dtype.
 DTYPE_BYTES = {
@@ -354,3 +358,20 @@ def _check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path} is not a torch.save archive ({e})") from e
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file so that `path` is either the old file or the complete new one: into a
+    temporary file beside it, then renamed over it. The temporary file never outlives a failure."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

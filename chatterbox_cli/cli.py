@@ -16,7 +16,7 @@ from chatterbox_cli.checkpoint import DEFAULT_REPO as DEFAULT_MODEL
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
 
 if TYPE_CHECKING:
-    from chatterbox_cli.jobs import ProbeReport
+    from chatterbox_cli.reports import ProbeReport
 
 app = typer.Typer(
     name="chatterbox",
@@ -142,7 +142,7 @@ def probe_vram(
     """List NVIDIA GPUs with total/used/free memory, driver, compute capability, bitsandbytes, and the
     preset `--preset auto` would pick on each GPU for the model."""
     with json_errors(json_out):
-        from chatterbox_cli.jobs import probe_report
+        from chatterbox_cli.reports import probe_report
         from chatterbox_cli.service import LoadRequest
 
         probe = probe_report(LoadRequest(model=model, max_tokens=max_tokens))
@@ -418,7 +418,7 @@ def estimate(
     with json_errors(json_out):
         if preset is not None and all_presets:
             raise UsageError("give --preset P or --all, not both")
-        from chatterbox_cli.jobs import estimate_report
+        from chatterbox_cli.reports import estimate_report
         from chatterbox_cli.service import LoadRequest
 
         request = LoadRequest(

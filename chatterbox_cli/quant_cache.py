@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,9 +28,9 @@ from typing import Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
+from chatterbox_cli.checkpoint import write_safetensors_atomic
 from chatterbox_cli.errors import ChatterboxError
 from chatterbox_cli.presets import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, ComponentPlan
 from chatterbox_cli.quantize import (
@@ -152,17 +151,7 @@ def write_entry(key: CacheKey, module: nn.Module, layers: Sequence[str], prefix:
         "key_fields": key.fields_json,
         "crc32": str(crc),
     }
-    target = key.path
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+    return write_safetensors_atomic(tensors, key.path, metadata)
 
 
 def read_entry(

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 from chatterbox_cli import __version__
 from chatterbox_cli.checkpoint import DEFAULT_REPO
 from chatterbox_cli.cli import _print_vram_rich, app, run
-from chatterbox_cli.jobs import probe_report
+from chatterbox_cli.reports import probe_report
 from chatterbox_cli.service import LoadRequest
 
 JSON_KEYS = {

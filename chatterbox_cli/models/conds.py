@@ -18,20 +18,17 @@ newer versions.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
-from chatterbox_cli.checkpoint import DEFAULT_REPO, download_command
+from chatterbox_cli.checkpoint import DEFAULT_REPO, download_command, write_safetensors_atomic
 from chatterbox_cli.errors import ChatterboxError, CheckpointError
 
 VOICE_FORMAT = "chatterbox-cli-voice"
@@ -338,16 +335,7 @@ def save_voice(path: str | Path, conds: Conditionals, metadata: dict[str, str]) 
         tensors["gen.prompt_feat_len"] = c.gen.prompt_feat_len
     tensors = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
     header = {**metadata, "format": VOICE_FORMAT, "format_version": str(VOICE_FORMAT_VERSION)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_safetensors_atomic(tensors, path, header)
 
 
 def _dims_of(conds: Conditionals) -> CondDims:
