@@ -463,7 +463,7 @@ def speak(
         size, why = batch_size(model, request, len(chunks) - done)
         if cap is not None and size > cap:
             size, why = cap, f"batch {cap} after running out of memory with {2 * cap}"
-        if len(chunks) - done > 1:
+        if size > 1:
             notify(why)
         try:
             for chunk in pipeline.synthesize(
