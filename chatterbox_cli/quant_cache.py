@@ -225,10 +225,11 @@ def _try_hit(
     dtype: torch.dtype,
     prefix: str,
     notify: Notify,
-) -> bool:
-    """Install the entry's layers into `module`; False (and the entry deleted, the user told) if unusable."""
+) -> QuantReport | None:
+    """Install the entry's layers into `module` and return their verification report; None (and the entry
+    deleted, the user told) if unusable."""
     if not key.path.is_file():
-        return False
+        return None
     try:
         layers = read_entry(key, module, targets, device, dtype, prefix)
         originals = {}
@@ -236,7 +237,7 @@ def _try_hit(
             originals[name] = module.get_submodule(name[len(prefix) :])
             _set_submodule(module, name[len(prefix) :], layer)
         try:
-            verify_quantized(module, [plan], device, prefix=prefix)
+            report = verify_quantized(module, [plan], device, prefix=prefix)
         except QuantizationError as e:
             for name, old in originals.items():
                 _set_submodule(module, name[len(prefix) :], old)
@@ -244,8 +245,8 @@ def _try_hit(
     except CacheEntryError as e:
         notify(f"the quantized-weight cache entry {key.path} is unusable ({e}); rebuilding it")
         _remove(key.path, notify)
-        return False
-    return True
+        return None
+    return report
 
 
 def _write(key: CacheKey, module: nn.Module, layers: Sequence[str], prefix: str, notify: Notify) -> None:
@@ -287,11 +288,12 @@ def load_quantized_cached(
         report = verify_quantized(module_on_meta, [plan], device)
         return CachedQuantization(report, "off" if targets else None, None)
     key = cache_key(safetensors_path, plan, list(targets), device, dtype)
-    if _try_hit(key, module_on_meta, plan, targets, device, dtype, "", notify):
+    report = _try_hit(key, module_on_meta, plan, targets, device, dtype, "", notify)
+    if report is not None:  # the rest of the module does not change what was verified
         load_module_from_safetensors(
             module_on_meta, safetensors_path, device, dtype, skip_modules=list(targets)
         )
-        return CachedQuantization(verify_quantized(module_on_meta, [plan], device), "hit", key.path)
+        return CachedQuantization(report, "hit", key.path)
     load_quantized(module_on_meta, safetensors_path, [plan], device, dtype)
     report = verify_quantized(module_on_meta, [plan], device)
     _write(key, module_on_meta, list(targets), "", notify)
@@ -321,8 +323,9 @@ def quantize_module_cached(
         report = verify_quantized(module, [plan], device, prefix)
         return CachedQuantization(report, "off" if targets else None, None)
     key = cache_key(checkpoint_file, plan, list(targets), device, dtype)
-    if _try_hit(key, module, plan, targets, device, dtype, prefix, notify):
-        return CachedQuantization(verify_quantized(module, [plan], device, prefix), "hit", key.path)
+    report = _try_hit(key, module, plan, targets, device, dtype, prefix, notify)
+    if report is not None:
+        return CachedQuantization(report, "hit", key.path)
     quantize_module(module, [plan], device, dtype, prefix=prefix)
     report = verify_quantized(module, [plan], device, prefix)
     _write(key, module, list(targets), prefix, notify)

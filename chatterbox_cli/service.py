@@ -7,6 +7,7 @@ prints as it is.
 
 from __future__ import annotations
 
+import functools
 import gc
 import os
 import time
@@ -25,7 +26,13 @@ os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
 import torch  # noqa: E402
 
 from chatterbox_cli import estimate, presets, vram  # noqa: E402
-from chatterbox_cli.checkpoint import DEFAULT_REPO, Checkpoint, resolve_checkpoint, validate  # noqa: E402
+from chatterbox_cli.checkpoint import (  # noqa: E402
+    DEFAULT_REPO,
+    Checkpoint,
+    resolve_checkpoint,
+    safetensors_header,
+    validate,
+)
 from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError  # noqa: E402
 
 if TYPE_CHECKING:
@@ -93,6 +100,11 @@ class LoadedModel:
     @property
     def preset(self) -> str:
         return self.decision.preset
+
+    @functools.cached_property
+    def t3_shape(self) -> estimate.T3Shape:
+        """T3's dimensions as the estimate counts them, from the checkpoint header (read once)."""
+        return estimate.t3_shape(safetensors_header(self.checkpoint.path("t3_cfg.safetensors")))
 
 
 # --- deciding --------------------------------------------------------------------------------------------
@@ -425,8 +437,7 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
         return request.batch, f"batch {request.batch} (--batch)"
     if model.device.type != "cuda":
         return 1, "batch 1: the CPU decodes one chunk at a time"
-    header = estimate.read_headers(model.checkpoint.folder)["t3_cfg.safetensors"]
-    shape = estimate.t3_shape(header)
+    shape = model.t3_shape
     cfg, max_tokens = request.cfg_weight > 0, request.max_tokens
     text = estimate.TEXT_TOKENS_DEFAULT
     per_chunk = estimate.kv_cache_bytes(shape, max_tokens, 1, cfg, text)

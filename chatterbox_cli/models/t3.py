@@ -185,11 +185,16 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
+def layer_views(cache_k: Tensor, cache_v: Tensor, rows: int) -> list[tuple[Tensor, Tensor]]:
+    """(k, v) of each layer for the first `rows` rows of a KVCache's [layers, rows, ...] buffers."""
+    return [(cache_k[i, :rows], cache_v[i, :rows]) for i in range(cache_k.shape[0])]
+
+
 class KVCache:
     """Preallocated keys and values for every layer: [layers, rows, heads, capacity, head_dim] each.
 
     Writes go to explicit columns (`index_copy_`), reads see the whole fixed-size buffer under a mask,
-    so a decode step always has the same shapes. `layers(rows)` gives per-layer views of the first rows:
+    so a decode step always has the same shapes. `layer_views` gives per-layer views of the first rows:
     a batch whose finished rows were compacted away keeps using the same storage.
     """
 
@@ -205,9 +210,6 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
-
-    def layers(self, rows: int) -> list[tuple[Tensor, Tensor]]:
-        return [(self.k[i, :rows], self.v[i, :rows]) for i in range(self.k.shape[0])]
 
     def keep_rows(self, rows: Tensor) -> None:
         """Move rows `rows` (in that order) to the front, one layer at a time to bound the temporary."""
@@ -499,7 +501,7 @@ def _decode_body(
     emb = model.speech_emb(tokens[:texts, None]) + model.speech_pos_emb.emb.weight[speech_position]
     if per_text > 1:
         emb = emb.repeat(per_text, 1, 1)
-    cache = [(cache_k[i, :rows], cache_v[i, :rows]) for i in range(cache_k.shape[0])]
+    cache = layer_views(cache_k, cache_v, rows)
     hidden = model.tfmr.forward_cached(emb, cache, column, positions[:rows, None], key_valid[:rows])
     return model.speech_head(hidden[:, -1])
 
@@ -566,7 +568,7 @@ class DecodeStep:
         columns = torch.arange(length, device=prompt.device)
         positions = (columns[None, :] - self.pads[:, None]).clamp(min=0)
         hidden = self.model.tfmr.forward_cached(
-            prompt, self.cache.layers(self.rows), columns, positions, self.key_valid
+            prompt, layer_views(self.cache.k, self.cache.v, self.rows), columns, positions, self.key_valid
         )
         self.column.fill_(length)
         self.positions.copy_(positions[:, -1] + 1)

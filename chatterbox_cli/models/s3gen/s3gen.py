@@ -331,13 +331,13 @@ class S3Gen(nn.Module):
         """mel [B, 80, F] -> waveform [B, F * 480] float32 at 24 kHz (zero past each row's mel_lens; a
         row's valid samples do not depend on the padding). One generator, or one per row."""
         self._need("mel2wav")
-        if self.vocoder_home is None:
-            return self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)[0]
-        self.mel2wav.to(self.vocoder_home)
+        if self.vocoder_home is not None:
+            self.mel2wav.to(self.vocoder_home)
         try:
             return self.mel2wav.inference(mel, generator=generator, lengths=mel_lens)[0]
         finally:
-            self.mel2wav.to("cpu")
+            if self.vocoder_home is not None:
+                self.mel2wav.to("cpu")
 
     def park_vocoder(self, home: torch.device | str) -> None:
         """Keep HiFT in host memory between calls; each mel_to_wav moves it to `home` and back."""
