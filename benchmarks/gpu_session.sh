@@ -17,8 +17,8 @@ for step in "$@"; do
     tests) python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
     speed) python3 benchmarks/speed.py --checkpoint $CK --reference-site /tmp/refsite ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -60 ;;
     speed-ours) python3 benchmarks/speed.py --checkpoint $CK ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -40 ;;
-    memory) python3 benchmarks/memory.py --checkpoint $CK --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
-    caps) python3 benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
+    memory) python3 benchmarks/memory.py --checkpoint $CK --presets ${MEM_PRESETS:-fp16,bnb-8bit,bnb-4bit} --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
+    caps) OUT= python3 benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
     *) echo "unknown step $step" ;;
   esac
 done

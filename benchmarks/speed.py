@@ -43,24 +43,53 @@ def ensure_checkpoint(folder: Path) -> Path:
     return folder
 
 
-def _profile(run) -> dict[str, float]:  # noqa: ANN001
-    """GPU kernels per decoded token and their summed time, from torch.profiler over run(n)."""
+def _kernel_table(fn, per: float) -> dict[str, object]:  # noqa: ANN001
+    """Run fn() under torch.profiler: GPU kernels, their busy time and the 15 costliest kernel names,
+    each divided by `per` (tokens, calls, ...). Returns fn()'s result under "result"."""
     from torch.profiler import ProfilerActivity, profile
 
-    n = 32
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        wall = run(n)
+        result = fn()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.device_time for e in kernels) / 1e3  # ms
-    names: dict[str, int] = {}
+    by_name: dict[str, list[float]] = {}
     for e in kernels:
-        names[e.name[:60]] = names.get(e.name[:60], 0) + 1
-    top = sorted(names.items(), key=lambda kv: -kv[1])[:12]
+        entry = by_name.setdefault(e.name[:70], [0, 0.0])
+        entry[0] += 1
+        entry[1] += e.device_time  # us
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:15]
     return {
-        "top_kernels_per_token": {name: round(count / n, 1) for name, count in top},
-        "kernels_per_token": round(len(kernels) / n, 1),
-        "gpu_busy_ms_per_token": round(busy / n, 3),
-        "wall_ms_per_token_under_profiler": round(wall * 1e3 / n, 3),
+        "result": result,
+        "kernels": round(len(kernels) / per, 1),
+        "gpu_busy_ms": round(sum(e.device_time for e in kernels) / 1e3 / per, 3),
+        "top_by_time": {name: {"count": round(c / per, 1), "us": round(t / per, 1)} for name, (c, t) in top},
+    }
+
+
+def _profile(run) -> dict[str, object]:  # noqa: ANN001
+    """GPU kernels per decoded token, their busy time and the costliest kernels, over run(n)."""
+    n = 32
+    table = _kernel_table(lambda: run(n), n)
+    wall = table.pop("result")
+    return {**table, "wall_ms_per_token_under_profiler": round(wall * 1e3 / n, 3)}
+
+
+def _host_enqueue(model, conds, text, sampling, n: int = 300) -> dict[str, float]:  # noqa: ANN001
+    """How long the host takes to queue n graphed decode steps (no stop checks, so no syncs) against the
+    wall time until the GPU has run them: equal means the host is the bound, far apart the GPU."""
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    options = {"max_new_tokens": n + 1, "sampling": sampling, "generators": [gen], "ignore_stop": True}
+    decoding = model.t3.start_batch([text], conds.t3, **options)
+    decoding.run(until=16)  # capture
+    _sync()
+    t = time.perf_counter()
+    decoding.run(until=16 + n)
+    queued = time.perf_counter() - t
+    _sync()
+    wall = time.perf_counter() - t
+    return {
+        "steps": n,
+        "host_queue_ms_per_step": round(queued * 1e3 / n, 3),
+        "wall_ms_per_step": round(wall * 1e3 / n, 3),
     }
 
 
@@ -115,6 +144,8 @@ def ours_t3(
                 per_mode[mode]["profile"] = _profile(lambda k, m=mode: run(k, m))  # type: ignore[index]
         print(json.dumps({preset: {mode: per_mode[mode]}}), file=sys.stderr)
     result["modes"] = per_mode
+    if torch.cuda.is_available() and "cuda-graph" in per_mode:
+        result["host_bound_check"] = _host_enqueue(model, conds, text, sampling)
     if "cuda-graph" in per_mode:
         result["tokens_per_s"] = per_mode["cuda-graph"]["tokens_per_s"]  # type: ignore[index]
 
@@ -155,12 +186,15 @@ def text_of(words: int) -> str:
     return " ".join(passage[i % len(passage)] for i in range(words))
 
 
-def end_to_end(folder: Path, device: str, flow_steps: int, sizes: dict[str, int]) -> dict[str, object]:
+def end_to_end(
+    folder: Path, device: str, flow_steps: int, sizes: dict[str, int], forced_batch: dict[str, int]
+) -> dict[str, object]:
     """Text in, audio chunks out, through the service and the pipeline as `synthesize` runs them.
 
     Random weights never sample the stop token, so each chunk decodes TOKENS_PER_WORD speech tokens per
     word (the length real speech would have). RTF = wall time / audio seconds; time to first audio counts
-    from the call until the first chunk is in hand (model and voice loaded before).
+    from the call until the first audio is in hand (model and voice loaded and warmed up before, as in
+    `synthesize`).
     """
     from chatterbox_cli import pipeline
 
@@ -173,19 +207,28 @@ def end_to_end(folder: Path, device: str, flow_steps: int, sizes: dict[str, int]
     def length(chunk: str) -> int:
         return max(1, len(chunk.split()) * TOKENS_PER_WORD)
 
-    warm = pipeline.prepare_chunks(model.tokenizer, text_of(40))[0]
-    list(pipeline.synthesize(model, warm, conds, settings, batch_size=2, fixed_length=length))
+    out["warm_up_s"] = round(service.warm_up(model, conds), 3)  # as `synthesize` does after loading
     for name, words in sizes.items():
         chunks, _ = pipeline.prepare_chunks(model.tokenizer, text_of(words))
         batch, why = service.batch_size(model, request, len(chunks))
+        if name in forced_batch:
+            batch, why = forced_batch[name], f"batch {forced_batch[name]} forced by the benchmark"
         _sync()
         start = time.perf_counter()
         first = None
+        first_piece: dict[str, object] = {}
         audio = t3_s = s3gen_s = 0.0
+        early = pipeline.EARLY_TOKENS if model.device.type == "cuda" else 0  # as service.speak does
         for chunk in pipeline.synthesize(
-            model, chunks, conds, settings, batch_size=batch, fixed_length=length
+            model, chunks, conds, settings, batch_size=batch, fixed_length=length, early_tokens=early
         ):
-            first = first or time.perf_counter() - start
+            if first is None:
+                first = time.perf_counter() - start
+                first_piece = {
+                    "early": not chunk.final,
+                    "t3_s": round(chunk.t3_s, 3),
+                    "s3gen_s": round(chunk.s3gen_s, 3),
+                }
             audio += chunk.seconds
             t3_s += chunk.t3_s
             s3gen_s += chunk.s3gen_s
@@ -197,11 +240,66 @@ def end_to_end(folder: Path, device: str, flow_steps: int, sizes: dict[str, int]
             "audio_s": round(audio, 1),
             "wall_s": round(wall, 2),
             "rtf": round(wall / audio, 4),
-            "t3_share": round(t3_s / wall, 2),
-            "s3gen_share": round(s3gen_s / wall, 2),
+            "t3_s": round(t3_s, 2),
+            "s3gen_s": round(s3gen_s, 2),
             "first_audio_s": round(first or 0.0, 3),
+            "first_piece": first_piece,
         }
         print(json.dumps({name: out[name], "why": why}), file=sys.stderr)
+    return out
+
+
+def _timed(fn):  # noqa: ANN001, ANN202
+    _sync()
+    t = time.perf_counter()
+    result = fn()
+    _sync()
+    return time.perf_counter() - t, result
+
+
+def _s3gen_breakdown(s3, cond, rows: int, tokens: int) -> dict[str, object]:  # noqa: ANN001
+    device = s3.flow.encoder_proj.weight.device
+    g = torch.Generator().manual_seed(rows)
+    speech = [torch.randint(0, 6561, (tokens,), generator=g).to(device) for _ in range(rows)]
+    batch, lens = torch.stack(speech), torch.full((rows,), tokens)
+
+    def gens() -> list[torch.Generator]:
+        return [torch.Generator(device).manual_seed(i) for i in range(rows)]
+
+    def call() -> object:
+        if rows == 1:
+            return s3.synthesize(batch, cond, generator=gens()[0])
+        return s3.synthesize_rows(speech, cond, gens())
+
+    call()  # warm-up at this shape
+    total, _ = _timed(call)
+    mel_1, _ = _timed(lambda: s3.tokens_to_mel(batch, cond, lens, n_timesteps=1, generator=gens()))
+    mel_10, mel = _timed(lambda: s3.tokens_to_mel(batch, cond, lens, n_timesteps=10, generator=gens()))
+    hift, _ = _timed(lambda: s3.mel_to_wav(mel, gens(), lens.to(device) * 2))
+    step = (mel_10 - mel_1) / 9
+    audio = rows * tokens / 25
+    table = _kernel_table(call, 1)
+    table.pop("result")
+    return {
+        "audio_s": audio,
+        "wall_s": round(total, 3),
+        "rtf": round(total / audio, 4),
+        "encoder_and_setup_s": round(mel_1 - step, 3),
+        "estimator_step_s": round(step, 4),
+        "hift_s": round(hift, 3),
+        "profile": table,
+    }
+
+
+def s3gen_profile(folder: Path, device: str, shapes: list[tuple[int, int]]) -> dict[str, object]:
+    """Where S3Gen's time goes for `rows` chunks of `tokens` speech tokens each (one batched call, as the
+    pipeline makes it): flow encoder, one estimator step, HiFT, and the costliest kernels of a call."""
+    model = service.load(service.LoadRequest(model=str(folder), device=device, preset="fp16"))
+    cond = service.voice(model, None, 0.5).gen.to(model.device, model.dtype)
+    out: dict[str, object] = {}
+    for rows, tokens in shapes:
+        out[f"{rows}x{tokens}"] = _s3gen_breakdown(model.s3gen, cond, rows, tokens)
+        print(json.dumps({"s3gen_profile": {f"{rows}x{tokens}": out[f"{rows}x{tokens}"]}}), file=sys.stderr)
     return out
 
 
@@ -325,9 +423,14 @@ def main() -> None:
     ap.add_argument("--modes", default="eager,cuda-graph,compile-reduce-overhead", help="fp16 decode modes")
     ap.add_argument("--batches", default="1,4,8,16", help="texts decoded together (fp16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--e2e", default="sentence:15,paragraph:300,book:6000", help="name:words,... ('' skips)")
+    ap.add_argument(
+        "--e2e", default="sentence:15,paragraph:300,book:6000", help="name:words[:batch],... ('' skips)"
+    )
     ap.add_argument("--flow-steps", default="10,6", help="flow-step counts for the end-to-end runs")
     ap.add_argument("--s3gen-checks", action="store_true", help="16-bit parity and compiled estimator")
+    ap.add_argument(
+        "--s3gen-profile", default="", help="rows x tokens S3Gen breakdowns, e.g. 1x150,32x290 ('' skips)"
+    )
     ap.add_argument("--reference-site", default=None, help="folder holding chatterbox-tts and its deps")
     args = ap.parse_args()
     folder = ensure_checkpoint(args.checkpoint)
@@ -364,11 +467,18 @@ def main() -> None:
             out["bnb4_vs_fp16"] = round(ours["bnb-4bit"]["tokens_per_s"] / ours["fp16"]["tokens_per_s"], 2)
         print(json.dumps({preset: ours[preset]}), file=sys.stderr)
         save()
+    if args.s3gen_profile:
+        shapes = [tuple(int(v) for v in p.split("x")) for p in args.s3gen_profile.split(",")]
+        out["s3gen_profile"] = s3gen_profile(folder, args.device, shapes)  # type: ignore[arg-type]
+        service._free_cuda()
+        save()
     if args.e2e:
-        sizes = {name: int(words) for name, words in (p.split(":") for p in args.e2e.split(","))}
+        specs = [p.split(":") for p in args.e2e.split(",")]  # name:words or name:words:batch
+        sizes = {spec[0]: int(spec[1]) for spec in specs}
+        forced = {spec[0]: int(spec[2]) for spec in specs if len(spec) > 2}
         out["end_to_end"] = {}
         for n in args.flow_steps.split(","):
-            out["end_to_end"][f"flow_steps_{n}"] = end_to_end(folder, args.device, int(n), sizes)  # type: ignore[index]
+            out["end_to_end"][f"flow_steps_{n}"] = end_to_end(folder, args.device, int(n), sizes, forced)  # type: ignore[index]
             service._free_cuda()
             save()
     if args.s3gen_checks:

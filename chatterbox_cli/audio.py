@@ -284,18 +284,35 @@ def join_pause(sample_rate: int, seconds: float) -> np.ndarray:
     return np.zeros(round(sample_rate * seconds), dtype=np.float32)
 
 
-def fade_edges(chunk: np.ndarray, sample_rate: int, ms: float = 5.0) -> np.ndarray:
+def _ramp(n: int) -> np.ndarray:
+    """Raised-cosine rise from 0 towards 1 over n samples."""
+    return (0.5 - 0.5 * np.cos(np.pi * np.arange(n) / n)).astype(np.float32)
+
+
+def fade_edges(
+    chunk: np.ndarray, sample_rate: int, ms: float = 5.0, *, start: bool = True, end: bool = True
+) -> np.ndarray:
     """A copy of `chunk` faded in and out over `ms` (raised cosine), so joins start and end at zero."""
     out = np.array(chunk, dtype=np.float32, copy=True)
     n = min(round(sample_rate * ms / 1000.0), out.shape[0] // 2)
     if n <= 0:
         return out
-    ramp = (0.5 - 0.5 * np.cos(np.pi * np.arange(n) / n)).astype(np.float32)
+    ramp = _ramp(n)
     if out.ndim > 1:
         ramp = ramp.reshape((n,) + (1,) * (out.ndim - 1))
-    out[:n] *= ramp
-    out[out.shape[0] - n :] *= ramp[::-1]
+    if start:
+        out[:n] *= ramp
+    if end:
+        out[out.shape[0] - n :] *= ramp[::-1]
     return out
+
+
+def crossfade(outgoing: np.ndarray, incoming: np.ndarray) -> np.ndarray:
+    """Equal-length mono signals blended from all `outgoing` to all `incoming` (raised cosine)."""
+    if outgoing.shape != incoming.shape:
+        raise ValueError(f"crossfade of {outgoing.shape} and {incoming.shape} samples")
+    ramp = _ramp(outgoing.shape[0])
+    return (outgoing * (1.0 - ramp) + incoming * ramp).astype(np.float32)
 
 
 # --------------------------------------------------------------------------------------------------

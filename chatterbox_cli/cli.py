@@ -304,7 +304,7 @@ def synthesize(
     batch: Annotated[
         str,
         typer.Option(
-            help="Chunks decoded together: a number, or auto (as many as free GPU memory allows, up to 32).",
+            help="Chunks decoded together: a number, or auto (as many as free GPU memory allows, up to 64).",
             rich_help_panel=_PANEL_MODEL,
         ),
     ] = "auto",

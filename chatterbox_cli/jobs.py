@@ -75,7 +75,9 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     load_s: float = 0.0
     voice_s: float = 0.0
-    first_chunk_s: float | None = None
+    first_chunk_s: float | None = None  # from the start of the run
+    first_audio_s: float | None = None  # from the start of synthesis (model, voice and warm-up ready)
+    warm_up_s: float = 0.0
     synth_started: float | None = None
     t3_s: float = 0.0
     s3gen_s: float = 0.0
@@ -325,6 +327,8 @@ class _Runner:
         run.voice_s = time.perf_counter() - started
         if job.save_voice is not None:
             self.save_voice(job.save_voice)
+        if work and any(chunks for _, chunks in work):
+            run.warm_up_s = service.warm_up(self.model, self.conds)
 
         self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))
         run.synth_started = time.perf_counter()
@@ -399,19 +403,25 @@ class _Runner:
                 with holder.critical():
                     writer.write(pause)
             spoken = service.speak(self.model, self.request, chunks, self.conds, settings, self.notify)
-            for done, chunk in enumerate(spoken, start=1):
-                audio = chunk.audio if chunk.index == 0 else np.concatenate([pause, chunk.audio])
+            done, continuing = 0, False  # continuing: the last piece was an early piece of this chunk
+            for chunk in spoken:
+                first_piece = chunk.index > 0 and not continuing
+                audio = np.concatenate([pause, chunk.audio]) if first_piece else chunk.audio
+                continuing = not chunk.final
+                done += chunk.final
                 with holder.critical():
                     writer.write(audio)
                 if run.first_chunk_s is None:
                     run.first_chunk_s = time.perf_counter() - run.started
+                    run.first_audio_s = time.perf_counter() - (run.synth_started or run.started)
                 run.t3_s += chunk.t3_s
                 run.s3gen_s += chunk.s3gen_s
                 run.audio_s += audio.shape[0] / SAMPLE_RATE
                 entry.update(
                     frames=writer.frames_written, duration_s=round(writer.seconds_written, 3), chunks=done
                 )
-                self.progress.chunk_done(len(chunk.text), audio.shape[0] / SAMPLE_RATE)
+                characters = len(chunk.text) if chunk.final else None
+                self.progress.audio_done(audio.shape[0] / SAMPLE_RATE, characters)
         finally:
             writer.close()
         return entry
@@ -492,7 +502,9 @@ class _Runner:
             "timings": {
                 "load_s": round(run.load_s, 3),
                 "voice_s": round(run.voice_s, 3),
+                "warm_up_s": round(run.warm_up_s, 3),
                 "first_chunk_s": None if run.first_chunk_s is None else round(run.first_chunk_s, 3),
+                "first_audio_s": None if run.first_audio_s is None else round(run.first_audio_s, 3),
                 "t3_s": round(run.t3_s, 3),
                 "s3gen_s": round(run.s3gen_s, 3),
                 "synthesis_s": round(synthesis_s, 3),

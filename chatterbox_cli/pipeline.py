@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from chatterbox_cli.audio import fade_edges, join_pause
+from chatterbox_cli.audio import crossfade, fade_edges, join_pause
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, Conditionals
 from chatterbox_cli.models.s3gen import S3Gen
@@ -28,6 +28,13 @@ from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chars_in_vocab, chunk_text, 
 
 SAMPLE_RATE = 24_000
 MAX_SEED = 2**63 - 1
+SAMPLES_PER_TOKEN = SAMPLE_RATE // 25
+# Early audio: the first chunk's first EARLY_TOKENS speech tokens are rendered while T3 goes on; the last
+# EARLY_LOOKAHEAD of them wait for the whole chunk (the flow looks at context on both sides), and the
+# early piece hands over to the whole-chunk rendering with a CROSSFADE_MS crossfade.
+EARLY_TOKENS = 48
+EARLY_LOOKAHEAD = 8
+CROSSFADE_MS = 20.0
 
 
 class SpeechModel(Protocol):
@@ -122,6 +129,8 @@ class AudioChunk:
     seed: int
     t3_s: float
     s3gen_s: float
+    # False for an early piece of a chunk (see synthesize's early_tokens): more of the same chunk follows
+    final: bool = True
 
     @property
     def seconds(self) -> float:
@@ -193,6 +202,7 @@ def synthesize(
     first_index: int = 0,
     batch_size: int = 1,
     fixed_length: Callable[[str], int] | None = None,
+    early_tokens: int = 0,
 ) -> Iterator[AudioChunk]:
     """Yield one AudioChunk per chunk, in order, each as soon as its group is made.
 
@@ -205,6 +215,11 @@ def synthesize(
     or to resume. A chunk for which T3 produces no speech tokens becomes `pause_seconds` of silence.
     `fixed_length` (benchmarks: random weights never say stop) makes T3 decode exactly
     fixed_length(chunk) tokens per chunk, ignoring the stop token.
+
+    `early_tokens` > 0 (only chunk 0 of a run): once T3 has `early_tokens` speech tokens of the first
+    chunk, they are rendered and yielded as an early piece (`final` False) while T3 goes on; the piece
+    with the rest of the chunk follows. S3Gen draws its noise from a generator of its own per chunk, so
+    the rest is the same audio as without the early piece.
     """
     settings = settings.with_seed()
     t3, s3gen, device = model.t3, model.s3gen, model.device
@@ -216,6 +231,9 @@ def synthesize(
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
     gen_cond = conds.gen.to(device, model.dtype)
     text_limit = t3.config.text_positions
+
+    def s3gen_generator(index: int) -> torch.Generator:  # S3Gen's noise, apart from T3's sampling
+        return torch.Generator(device=device).manual_seed(derive_seed(settings.seed, "s3gen", index))
 
     for group in batch_groups(len(chunks), batch_size):
         indices = [first_index + i for i in group]
@@ -229,9 +247,8 @@ def synthesize(
                 )
         seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-
         started = time.perf_counter()
-        speech = t3.generate_batch(
+        decoding = t3.start_batch(
             [tokens for tokens, _ in prepared],
             t3_cond,
             max_new_tokens=[fixed_length(c) for c in texts] if fixed_length else settings.max_tokens,
@@ -240,7 +257,37 @@ def synthesize(
             generators=generators,
             ignore_stop=fixed_length is not None,
         )
-        speech = [s[s < S3_CODEBOOK_SIZE] for s in speech]
+        early: tuple[np.ndarray, int] | None = None  # the early piece's held-back tail, and where it ends
+        if early_tokens > 0 and indices == [0]:
+            # exactly early_tokens speech tokens (ids past the codebook are dropped, so a few more steps
+            # may be needed): the early rendering then always has the same shapes (see service.warm_up)
+            prefix = torch.zeros(0, dtype=torch.long)
+            while not decoding.finished and prefix.numel() < early_tokens:
+                decoding.run(until=decoding.steps + early_tokens - prefix.numel())
+                prefix = decoding.tokens(0)
+                prefix = prefix[prefix < S3_CODEBOOK_SIZE]
+            prefix = prefix[:early_tokens]
+            if not decoding.finished and prefix.numel() > EARLY_LOOKAHEAD:
+                t3_early_s = time.perf_counter() - started
+                wav = s3gen.synthesize(
+                    prefix[None],
+                    gen_cond,
+                    n_timesteps=settings.flow_steps,
+                    generator=s3gen_generator(0),
+                    keep_graph=True,  # every run's early piece has this shape (see service.warm_up)
+                )[0]
+                end = (prefix.numel() - EARLY_LOOKAHEAD) * SAMPLES_PER_TOKEN
+                audio = wav[:end].detach().to("cpu", torch.float32).numpy()
+                hold = min(round(SAMPLE_RATE * CROSSFADE_MS / 1000), end // 2)
+                piece = fade_edges(audio[: end - hold], SAMPLE_RATE, end=False)
+                early = (audio[end - hold :], end)
+                s3gen_early_s = time.perf_counter() - started - t3_early_s
+                yield AudioChunk(
+                    0, texts[0], piece, SAMPLE_RATE, 0, [], seeds[0], t3_early_s, s3gen_early_s, final=False
+                )
+                started = time.perf_counter()
+        decoding.run()
+        speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
         counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
         t3_s = (time.perf_counter() - started) / len(group)
 
@@ -251,7 +298,7 @@ def synthesize(
             rows = s3gen.synthesize_rows(
                 [speech[j] for j in voiced],
                 gen_cond,
-                [generators[j] for j in voiced],
+                [s3gen_generator(indices[j]) for j in voiced],
                 n_timesteps=settings.flow_steps,
             )
             waves = dict(zip(voiced, rows, strict=True))
@@ -268,9 +315,18 @@ def synthesize(
                     wav = waves[j]
                 else:
                     wav = s3gen.synthesize(
-                        speech[j][None], gen_cond, n_timesteps=settings.flow_steps, generator=generators[j]
+                        speech[j][None],
+                        gen_cond,
+                        n_timesteps=settings.flow_steps,
+                        generator=s3gen_generator(index),
                     )[0]
-                audio = fade_edges(wav.detach().to("cpu", torch.float32).numpy(), SAMPLE_RATE)
+                audio = wav.detach().to("cpu", torch.float32).numpy()
+                if early is not None:  # the rest of chunk 0 after its early piece, crossfaded in
+                    held, end = early
+                    audio = np.concatenate([crossfade(held, audio[end - len(held) : end]), audio[end:]])
+                    audio = fade_edges(audio, SAMPLE_RATE, start=False)
+                else:
+                    audio = fade_edges(audio, SAMPLE_RATE)
             s3gen_s = time.perf_counter() - started + group_s3gen_s / len(group)
             dropped = prepared[j][1]
             yield AudioChunk(index, texts[j], audio, SAMPLE_RATE, counts[j], dropped, seeds[j], t3_s, s3gen_s)

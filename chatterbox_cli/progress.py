@@ -75,11 +75,13 @@ class Progress:
             total = self._bar.tasks[0].total or 0
             self._bar.update(self._task, total=total + characters, **self._fields())
 
-    def chunk_done(self, characters: int, audio_seconds: float) -> None:
-        self._chunks_done += 1
+    def audio_done(self, audio_seconds: float, chunk_characters: int | None) -> None:
+        """Audio was written: a whole chunk's (or its last piece) with its characters, or an early piece
+        (None: the chunk is not done yet)."""
         self._audio_s += audio_seconds
+        self._chunks_done += chunk_characters is not None
         if self._bar is not None and self._task is not None:
-            self._bar.update(self._task, advance=characters, **self._fields())
+            self._bar.update(self._task, advance=chunk_characters or 0, **self._fields())
 
     def item_done(self) -> None:
         self._items_done += 1

@@ -7,6 +7,7 @@ prints as it is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 import os
@@ -26,6 +27,7 @@ os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
 import torch  # noqa: E402
 
 from chatterbox_cli import estimate, presets, vram  # noqa: E402
+from chatterbox_cli.audio import fade_edges  # noqa: E402
 from chatterbox_cli.checkpoint import (  # noqa: E402
     DEFAULT_REPO,
     Checkpoint,
@@ -393,6 +395,25 @@ def voice(
     return conds.to(model.device, model.dtype)
 
 
+def warm_up(model: LoadedModel, conds: Conditionals) -> float:
+    """On a GPU, run T3 and S3Gen once at the shapes of a first chunk's early piece, so the first audio of
+    a run does not wait for one-time work (kernel selection, attention plans, allocator growth). Returns
+    the seconds it took (0 on the CPU, where there is nothing to gain)."""
+    from chatterbox_cli import pipeline
+    from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE
+
+    if model.device.type != "cuda":
+        return 0.0
+    started = time.perf_counter()
+    n, generator = pipeline.EARLY_TOKENS, torch.Generator(model.device).manual_seed(0)
+    text = model.tokenizer.text_to_tokens("Warming up.")
+    model.t3.generate(text, conds.t3, max_new_tokens=n, generator=generator, ignore_stop=True)
+    tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
+    model.s3gen.synthesize(tokens, conds.gen, generator=generator, keep_graph=True)
+    torch.cuda.synchronize(model.device)
+    return time.perf_counter() - started
+
+
 def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify: Notify) -> Conditionals:
     from chatterbox_cli.models.conds import load_voice
     from chatterbox_cli.models.s3gen import S3Gen
@@ -425,7 +446,9 @@ def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify
     return prepared.conds
 
 
-AUTO_BATCH_LIMIT = 32  # a decode step is launch-bound: 32 chunks (64 rows) decode at 25x the tokens/s of one
+AUTO_BATCH_LIMIT = (
+    64  # a decode step is launch-bound: 64 chunks (128 rows) decode at ~25x the tokens/s of one
+)
 
 
 def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[int, str]:
@@ -469,6 +492,7 @@ def speak(
     from chatterbox_cli import pipeline
 
     done = 0
+    written = 0  # samples of chunk `done` already yielded as an early piece
     cap: int | None = None  # batch size that last ran out of memory, halved
     while done < len(chunks):
         size, why = batch_size(model, request, len(chunks) - done)
@@ -476,11 +500,22 @@ def speak(
             size, why = cap, f"batch {cap} after running out of memory with {2 * cap}"
         if size > 1:
             notify(why)
+        # On a GPU the first chunk's first words are rendered while T3 goes on (see pipeline.synthesize);
+        # on the CPU that extra rendering would cost more than it brings forward.
+        early = pipeline.EARLY_TOKENS if model.device.type == "cuda" and done == 0 and not written else 0
         try:
             for chunk in pipeline.synthesize(
-                model, chunks[done:], conds, settings, first_index=done, batch_size=size
+                model, chunks[done:], conds, settings, first_index=done, batch_size=size, early_tokens=early
             ):
+                if not chunk.final:
+                    written += chunk.audio.shape[0]
+                    yield chunk
+                    continue
+                if written and chunk.index == done and early == 0:  # remade after an OOM: skip what was said
+                    audio = fade_edges(chunk.audio[written:], pipeline.SAMPLE_RATE, end=False)
+                    chunk = dataclasses.replace(chunk, audio=audio)
                 done += 1
+                written = 0
                 yield chunk
         except torch.cuda.OutOfMemoryError as e:
             if size > 1:

@@ -274,3 +274,32 @@ def test_per_row_generators_give_each_row_its_own_noise() -> None:
         with pytest.raises(ValueError, match="generators"):
             flow.inference(tokens, torch.tensor([10, 6]), **cond, generator=[torch.Generator()])
     torch.testing.assert_close(mel[1, :, :12], short[0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_graphed_estimator_steps_equal_eager_steps() -> None:
+    config = FlowConfig.tiny()
+    flow = _build(config, 3).to("cuda")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, config.vocab_size, (2, 12), generator=g).cuda()
+    prompt = torch.randint(0, config.vocab_size, (1, 5), generator=g).cuda()
+    feat = torch.randn(1, 10, config.mel_dim, generator=g).cuda()
+    embedding = torch.randn(1, config.spk_embed_dim, generator=g).cuda()
+
+    def mel(graph: bool, keep: bool = False) -> torch.Tensor:
+        flow.decoder.cuda_graph = graph
+        gens = [torch.Generator("cuda").manual_seed(s) for s in (1, 2)]
+        with torch.inference_mode():
+            lens = torch.tensor([12, 7], device="cuda")
+            mel, _ = flow.inference(tokens, lens, prompt, feat, embedding, 6, generator=gens, keep_graph=keep)
+            return mel
+
+    eager = mel(False)
+    torch.testing.assert_close(mel(True), eager, rtol=1e-5, atol=1e-5)
+    assert flow.decoder.kept is None
+    torch.testing.assert_close(mel(True, keep=True), eager, rtol=1e-5, atol=1e-5)
+    kept = flow.decoder.kept
+    assert kept is not None
+    torch.testing.assert_close(mel(True), eager, rtol=1e-5, atol=1e-5)  # every step replays the kept graph
+    assert flow.decoder.kept is kept

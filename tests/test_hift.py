@@ -23,6 +23,7 @@ from chatterbox_cli.models.s3gen.hifigan import (
     HiFTConfig,
     HiFTGenerator,
     SourceNoise,
+    decode_windows,
     draw_source_noise,
     random_state_dict,
 )
@@ -241,3 +242,53 @@ def test_chunked_decode_equals_one_pass(tiny: HiFTGenerator, chunk: int) -> None
         chunked = tiny.decode(mel, source, chunk_frames=chunk)
     assert tiny.decode_chunk_frames(1, torch.float32) >= 2 * DECODE_CONTEXT_FRAMES
     assert (chunked - one_pass).abs().max().item() <= 1e-6  # measured 1e-7 (rounding)
+
+
+@pytest.mark.parametrize("total", [10, 175, 176, 177, 300, 700])
+def test_decode_windows_cover_every_frame_once_with_context(total: int) -> None:
+    for window, align in ((128, True), (100, False)):
+        spans = decode_windows(total, window, DECODE_CONTEXT_FRAMES, align_end=align)
+        assert [s for _, _, s, _ in spans] == [0] + [e for _, _, _, e in spans[:-1]]
+        assert spans[-1][3] == total
+        for lo, hi, start, end in spans:
+            assert 0 <= lo <= start < end <= hi <= total
+            assert start - lo >= DECODE_CONTEXT_FRAMES or lo == 0
+            assert hi - end >= DECODE_CONTEXT_FRAMES or hi == total
+        if align and len(spans) > 1:  # every chunk is a whole window: two span lengths in all
+            assert {hi - lo for lo, hi, _, _ in spans} <= {window + DECODE_CONTEXT_FRAMES, window + 48}
+
+
+def test_rows_decoded_together_equal_one_pass_each(tiny: HiFTGenerator) -> None:
+    lengths = [230, 40, 300]  # several windows, one short row, more windows
+    mels = [_mel(n, 20 + i) for i, n in enumerate(lengths)]
+    gens = [torch.Generator().manual_seed(i) for i in range(len(lengths))]
+    sources = [torch.randn(1, 1, n * 480, generator=g) * 0.1 for g, n in zip(gens, lengths, strict=True)]
+    with torch.inference_mode():
+        together = tiny.decode_rows(mels, sources)
+        alone = [tiny.decode(m, s, chunk_frames=10_000) for m, s in zip(mels, sources, strict=True)]
+    for a, b, n in zip(together, alone, lengths, strict=True):
+        assert a.shape == b.shape == (1, n * 480)
+        assert (a - b).abs().max().item() <= 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_batch_rows_equal_single_rows_and_the_cpu(tiny: HiFTGenerator) -> None:
+    gpu = HiFTGenerator(HiFTConfig.tiny()).eval()
+    gpu.load_state_dict(tiny.state_dict())
+    gpu = gpu.cuda()
+    mels = [_mel(300, 30), _mel(60, 31)]
+    gen = torch.Generator().manual_seed(3)
+    noises = [draw_source_noise(1, 9, m.shape[-1] * 480, gen) for m in mels]
+    batch_mel = torch.zeros(2, 80, 300)
+    batch_mel[0], batch_mel[1, :, :60] = mels[0][0], mels[1][0]
+    short = torch.cat([noises[1].noise, torch.zeros(1, 9, 240 * 480)], dim=-1)
+    phase, samples = torch.cat([n.phase for n in noises]), torch.cat([noises[0].noise, short])
+    cuda_noise = SourceNoise(phase.cuda(), samples.cuda())
+    wav, _ = gpu.inference(batch_mel.cuda(), noise=cuda_noise, lengths=torch.tensor([300, 60]))
+    for row, (mel, n) in enumerate(zip(mels, noises, strict=True)):
+        alone, _ = gpu.inference(mel.cuda(), noise=SourceNoise(n.phase.cuda(), n.noise.cuda()))
+        cpu, _ = tiny.inference(mel, noise=n)
+        frames = mel.shape[-1] * 480
+        torch.testing.assert_close(wav[row, :frames], alone[0], rtol=0, atol=1e-3)  # measured 1e-4
+        torch.testing.assert_close(wav[row, :frames].cpu(), cpu[0], rtol=0, atol=2e-2)  # TF32 convs

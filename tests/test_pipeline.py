@@ -202,3 +202,27 @@ def test_out_of_memory_in_a_batch_halves_it_and_keeps_the_audio(
     assert [c.index for c in got] == [0, 1, 2, 3]
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a.audio, b.audio)
+
+
+def test_early_piece_then_the_rest_of_the_first_chunk(loaded: service.LoadedModel, conds) -> None:  # noqa: ANN001
+    settings = SynthesisSettings(seed=5, **FAST)
+    length = {SENTENCES[0]: 40, SENTENCES[1]: 30}.get
+    plain = list(pipeline.synthesize(loaded, SENTENCES[:2], conds, settings, fixed_length=length))
+    streamed = list(
+        pipeline.synthesize(loaded, SENTENCES[:2], conds, settings, fixed_length=length, early_tokens=16)
+    )
+    assert [(c.index, c.final) for c in streamed] == [(0, False), (0, True), (1, True)]
+    early, rest = streamed[0].audio, streamed[1].audio
+    hold = round(pipeline.SAMPLE_RATE * pipeline.CROSSFADE_MS / 1000)
+    end = early.shape[0] + hold  # the early tokens' audio, less the lookahead
+    assert end == (16 - pipeline.EARLY_LOOKAHEAD) * pipeline.SAMPLES_PER_TOKEN
+    assert early.shape[0] + rest.shape[0] == plain[0].audio.shape[0]
+    assert streamed[0].speech_tokens == 0 and streamed[1].speech_tokens == plain[0].speech_tokens
+    # after the crossfade, the rest is the whole-chunk rendering; later chunks are untouched
+    np.testing.assert_array_equal(rest[hold:], plain[0].audio[end:])
+    assert not np.array_equal(rest[:hold], plain[0].audio[end - hold : end])
+    np.testing.assert_array_equal(streamed[2].audio, plain[1].audio)
+    # a chunk that ends before the early tokens comes whole
+    twelve = {SENTENCES[0]: 12}.get
+    short = pipeline.synthesize(loaded, SENTENCES[:1], conds, settings, fixed_length=twelve, early_tokens=16)
+    assert [c.final for c in short] == [True]

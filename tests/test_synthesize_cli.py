@@ -89,7 +89,9 @@ def test_json_summary_shape(synth: Callable[..., tuple[int, str, str]], tmp_path
     assert set(doc["timings"]) == {
         "load_s",
         "voice_s",
+        "warm_up_s",
         "first_chunk_s",
+        "first_audio_s",
         "t3_s",
         "s3gen_s",
         "synthesis_s",
@@ -414,8 +416,8 @@ def test_progress_draws_on_a_terminal_only() -> None:
     with Progress(enabled=True, console=Console(file=screen, force_terminal=True, width=120)) as bar:
         bar.start(items=1, chunks=2, characters=100)
         bar.message("a note")
-        bar.chunk_done(50, 2.0)
-        bar.chunk_done(50, 2.0)
+        bar.audio_done(2.0, 50)
+        bar.audio_done(2.0, 50)
         bar.item_done()
     drawn = screen.getvalue()
     assert "a note" in drawn and "chunk 2/2" in drawn and "4.0 s audio" in drawn and "RTF" in drawn
@@ -423,5 +425,5 @@ def test_progress_draws_on_a_terminal_only() -> None:
     with Progress(enabled=False, console=Console(file=silent, force_terminal=True)) as bar:
         bar.start(items=1, chunks=1, characters=10)
         bar.message("a note")
-        bar.chunk_done(10, 1.0)
+        bar.audio_done(1.0, 10)
     assert silent.getvalue() == ""

@@ -16,6 +16,7 @@ import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -122,12 +123,16 @@ def llama3_inverse_frequencies(config: T3Config, device: torch.device | str | No
 
 
 def rope_tables(config: T3Config, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
-    """cos and sin [max_positions, head_dim], float32; each frequency appears in both halves."""
-    inv_freq = llama3_inverse_frequencies(config, device)
-    positions = torch.arange(config.max_positions, device=device).float()
+    """cos and sin [max_positions, head_dim], float32; each frequency appears in both halves.
+
+    The angles (up to thousands of radians) and their cos/sin are taken in float64: float32 cos of large
+    arguments differs between vectorised and scalar code paths, which made the tables vary between runs.
+    """
+    inv_freq = llama3_inverse_frequencies(config, device).double()
+    positions = torch.arange(config.max_positions, device=device, dtype=torch.float64)
     angles = positions[:, None] * inv_freq[None, :]
     angles = torch.cat((angles, angles), dim=-1)
-    return angles.cos(), angles.sin()
+    return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -160,14 +165,18 @@ class Rope:
 
     cos: Tensor | None = None  # [T, D] or [rows, 1, T, D]
     sin: Tensor | None = None
-    rotation: Tensor | None = None  # [rows, D, D], when T == 1
+    rotation: Tensor | None = None  # [rows * 3, D, D] when T == 1: per row, for q, k and v (identity)
 
-    def __call__(self, x: Tensor) -> Tensor:
-        """x [rows, T, H, D] (projection layout) -> rotated [rows, H, T, D]."""
+    def __call__(self, qkv: Tensor) -> Tensor:
+        """qkv [rows, T, 3H, D] (projection layout) -> [rows, 3H, T, D] with q and k rotated, v as it was."""
+        rows, length, heads, dim = qkv.shape
         if self.rotation is None:
-            return apply_rope(x.transpose(1, 2), self.cos, self.sin)
-        rows, length, heads, dim = x.shape
-        rotated = torch.bmm(x.reshape(rows, length * heads, dim), self.rotation)
+            qkv = qkv.transpose(1, 2)
+            qk = apply_rope(qkv[:, : 2 * heads // 3], self.cos, self.sin)
+            return torch.cat((qk, qkv[:, 2 * heads // 3 :]), dim=1)
+        # one batched matmul; v goes through it too (times the identity, exact) so that k and v come out
+        # side by side and reach the cache in one copy
+        rotated = torch.bmm(qkv.reshape(self.rotation.shape[0], -1, dim), self.rotation)
         return rotated.view(rows, length, heads, dim).transpose(1, 2)
 
 
@@ -185,17 +194,19 @@ class RMSNorm(nn.Module):
         return self.weight * x
 
 
-def layer_views(cache_k: Tensor, cache_v: Tensor, rows: int) -> list[tuple[Tensor, Tensor]]:
-    """(k, v) of each layer for the first `rows` rows of a KVCache's [layers, rows, ...] buffers."""
-    return [(cache_k[i, :rows], cache_v[i, :rows]) for i in range(cache_k.shape[0])]
+def layer_views(cache: Tensor, rows: int) -> list[Tensor]:
+    """Each layer's [2, rows, ...] keys and values for the first `rows` rows of a KVCache buffer."""
+    return [cache[i, :, :rows] for i in range(cache.shape[0])]
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [layers, rows, heads, capacity, head_dim] each.
+    """Preallocated keys and values of every layer in one buffer: [layers, 2 (k, v), rows, heads, capacity,
+    head_dim].
 
-    Writes go to explicit columns (`index_copy_`), reads see the whole fixed-size buffer under a mask,
-    so a decode step always has the same shapes. `layer_views` gives per-layer views of the first rows:
-    a batch whose finished rows were compacted away keeps using the same storage.
+    Writes go to explicit columns (`index_copy_`, keys and values of a layer in one copy), reads see the
+    whole fixed-size buffer under a mask, so a decode step always has the same shapes. `layer_views` gives
+    per-layer views of the first rows: a batch whose finished rows were compacted away keeps using the
+    same storage.
     """
 
     def __init__(
@@ -206,17 +217,25 @@ class KVCache:
         device: torch.device | str,
         dtype: torch.dtype,
     ) -> None:
-        shape = (config.n_layers, rows, config.n_heads, capacity, config.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (config.n_layers, 2, rows, config.n_heads, capacity, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
         self.capacity = capacity
 
     def keep_rows(self, rows: Tensor) -> None:
         """Move rows `rows` (in that order) to the front, one layer at a time to bound the temporary."""
         n = rows.numel()
-        for i in range(self.k.shape[0]):
-            self.k[i, :n] = self.k[i, rows]
-            self.v[i, :n] = self.v[i, rows]
+        for i in range(self.kv.shape[0]):
+            self.kv[i, :, :n] = self.kv[i, :, rows]
+
+
+def add_linear_(residual: Tensor, linear: nn.Module, x: Tensor) -> Tensor:
+    """residual + linear(x). For a plain bias-free Linear the sum is written into `residual` by the matmul
+    itself (addmm_ with beta 1): one kernel instead of a matmul and an add."""
+    if type(linear) is not nn.Linear or linear.bias is not None:
+        return residual + linear(x)
+    dim = residual.shape[-1]
+    residual.view(-1, dim).addmm_(x.reshape(-1, x.shape[-1]), linear.weight.t())
+    return residual
 
 
 def _fuse_linears(*linears: nn.Linear) -> Tensor | None:
@@ -250,37 +269,33 @@ class Attention(nn.Module):
         keep views of it, so nothing is stored twice. Only for plain (unquantized) Linears."""
         self.qkv_weight = _fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
+    def qkv(self, x: Tensor) -> Tensor:
+        """[rows, T, 3 * inner]: one matmul when fused, else the three projections side by side."""
+        if self.qkv_weight is not None:
+            return F.linear(x, self.qkv_weight)
+        return torch.cat((self.q_proj(x), self.k_proj(x), self.v_proj(x)), dim=-1)
+
     def forward(
         self,
         x: Tensor,
         rope: Rope,
-        cache: tuple[Tensor, Tensor] | None = None,
+        cache: Tensor | None = None,
         columns: Tensor | None = None,
         bias: Tensor | None = None,
     ) -> Tensor:
-        """Without a cache: causal over x. With one: x's keys/values go to cache `columns` [T] and every
-        query attends to the whole cache under the additive `bias` [rows, 1, T, capacity]."""
+        """Attention output before o_proj, [rows, T, inner]. Without a cache: causal over x. With one
+        ([2, rows, H, capacity, D]): x's keys/values go to cache `columns` [T] and every query attends to
+        the whole cache under the additive `bias` [rows, 1, T, capacity]."""
         rows, length, _ = x.shape
-
-        def split(t: Tensor) -> Tensor:
-            return t.view(rows, length, self.n_heads, self.head_dim)
-
-        if self.qkv_weight is None:
-            q, k, v = rope(split(self.q_proj(x))), rope(split(self.k_proj(x))), split(self.v_proj(x))
-        else:  # one matmul, and q and k rotated together as 2H heads
-            inner = self.n_heads * self.head_dim
-            qk, v = F.linear(x, self.qkv_weight).split([2 * inner, inner], dim=-1)
-            q, k = rope(qk.view(rows, length, 2 * self.n_heads, self.head_dim)).chunk(2, dim=1)
-            v = split(v)
-        v = v.transpose(1, 2)
+        heads = rope(self.qkv(x).view(rows, length, 3 * self.n_heads, self.head_dim))
+        q, kv = heads.split([self.n_heads, 2 * self.n_heads], dim=1)
         if cache is None:
+            k, v = kv.chunk(2, dim=1)
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
-            k_cache, v_cache = cache
-            k_cache.index_copy_(2, columns, k)
-            v_cache.index_copy_(2, columns, v)
-            out = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=bias)
-        return self.o_proj(out.transpose(1, 2).reshape(rows, length, -1))
+            cache.index_copy_(3, columns, kv.unflatten(1, (2, self.n_heads)).transpose(0, 1))
+            out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias)
+        return out.transpose(1, 2).reshape(rows, length, -1)
 
 
 class MLP(nn.Module):
@@ -294,12 +309,13 @@ class MLP(nn.Module):
     def fuse_projections(self) -> None:
         self.gate_up_weight = _fuse_linears(self.gate_proj, self.up_proj)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def hidden(self, x: Tensor) -> Tensor:
+        """silu(gate) * up, the input of down_proj."""
         if self.gate_up_weight is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return F.silu(gate) * up
 
 
 class DecoderLayer(nn.Module):
@@ -314,12 +330,14 @@ class DecoderLayer(nn.Module):
         self,
         x: Tensor,
         rope: Rope,
-        cache: tuple[Tensor, Tensor] | None = None,
+        cache: Tensor | None = None,
         columns: Tensor | None = None,
         bias: Tensor | None = None,
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache, columns, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        """Updates the residual stream x in place (see add_linear_) and returns it."""
+        attn = self.self_attn(self.input_layernorm(x), rope, cache, columns, bias)
+        x = add_linear_(x, self.self_attn.o_proj, attn)
+        return add_linear_(x, self.mlp.down_proj, self.mlp.hidden(self.post_attention_layernorm(x)))
 
 
 class LlamaBackbone(nn.Module):
@@ -351,6 +369,7 @@ class LlamaBackbone(nn.Module):
         """x: [rows, T, hidden], a whole sequence from position 0, causal -> final-norm hidden states."""
         length = x.shape[1]
         rope = Rope(self.rope_cos[:length].to(x.dtype), self.rope_sin[:length].to(x.dtype))
+        x = x.clone()  # the layers add into the residual stream in place
         for layer in self.layers:
             x = layer(x, rope)
         return self.norm(x)
@@ -358,12 +377,12 @@ class LlamaBackbone(nn.Module):
     def forward_cached(
         self,
         x: Tensor,
-        cache: Sequence[tuple[Tensor, Tensor]],
+        cache: Sequence[Tensor],
         columns: Tensor,
         positions: Tensor,
         key_valid: Tensor,
     ) -> Tensor:
-        """Run x [rows, T, hidden] against a KV cache (one (k, v) pair per layer, [rows, H, capacity, D]).
+        """Run x [rows, T, hidden] against a KV cache (per layer [2 (k, v), rows, H, capacity, D]).
 
         x's keys and values are written to cache `columns` [T]; `positions` [rows, T] are their RoPE
         positions (a row padded on the left starts counting after its padding); `key_valid` [rows, capacity]
@@ -374,13 +393,16 @@ class LlamaBackbone(nn.Module):
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [rows, T, D], float32
         if length == 1:
             rotation = rotation_matrices(cos[:, 0], sin[:, 0], self.rope_swap.float())
-            rope = Rope(rotation=rotation.to(x.dtype))
+            identity = torch.eye(rotation.shape[-1], device=x.device).expand_as(rotation)
+            per_head_group = torch.stack((rotation, rotation, identity), dim=1)  # q, k, v
+            rope = Rope(rotation=per_head_group.flatten(0, 1).to(x.dtype))
         else:
             rope = Rope(cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
         slots = torch.arange(key_valid.shape[1], device=x.device)
         visible = (key_valid[:, None, :] & (slots <= columns[:, None])) | (slots == columns[:, None])
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, -math.inf)
         bias = bias[:, None]  # [rows, 1, T, capacity]
+        x = x.clone()  # the layers add into the residual stream in place
         for layer, layer_cache in zip(self.layers, cache, strict=True):
             x = layer(x, rope, layer_cache, columns, bias)
         return self.norm(x)
@@ -478,6 +500,7 @@ def combine_cfg(logits: Tensor, cfg_weight: float) -> Tensor:
 
 
 STOP_CHECK_EVERY = 16  # decode steps between host reads of the stop token
+CAPACITY_BLOCK = 64  # KV-cache columns are allocated in blocks of this many
 
 
 def _decode_body(
@@ -489,8 +512,7 @@ def _decode_body(
     positions: Tensor,
     speech_position: Tensor,
     key_valid: Tensor,
-    cache_k: Tensor,
-    cache_v: Tensor,
+    cache: Tensor,
 ) -> Tensor:
     """One token per text in (the first `texts` of `tokens`); next speech logits per row out ([rows, V]).
 
@@ -501,8 +523,8 @@ def _decode_body(
     emb = model.speech_emb(tokens[:texts, None]) + model.speech_pos_emb.emb.weight[speech_position]
     if per_text > 1:
         emb = emb.repeat(per_text, 1, 1)
-    cache = layer_views(cache_k, cache_v, rows)
-    hidden = model.tfmr.forward_cached(emb, cache, column, positions[:rows, None], key_valid[:rows])
+    views = layer_views(cache, rows)
+    hidden = model.tfmr.forward_cached(emb, views, column, positions[:rows, None], key_valid[:rows])
     return model.speech_head(hidden[:, -1])
 
 
@@ -512,34 +534,49 @@ def _compiled_decode_body() -> Callable[..., Tensor]:
 
 
 class DecodeStep:
-    """The decode step of a batch of texts (one sampled speech token per text in, next logits out) with
-    static shapes.
+    """Decoding a batch of texts with static shapes: each `advance` samples one speech token per text from
+    the current logits and runs it through the backbone to the next logits.
 
-    Tokens, positions and the KV cache live in fixed buffers, so on CUDA the step through the whole
-    backbone is captured once as a CUDA graph and replayed: one launch per token instead of hundreds.
-    When texts finish, `keep` moves the remaining rows to the front of the same buffers and later steps
-    run (and are captured) for the smaller batch, so finished texts stop costing compute.
+    Logits, tokens, positions, the repetition mask, the output and the KV cache live in fixed buffers, so
+    on CUDA the whole advance (sampling and all layers) is captured once as a CUDA graph and replayed:
+    one launch per token, and the host never waits for the GPU between stop checks. Each text samples
+    from its own generator; captured random ops draw from the same generator offsets as eager ones
+    (PyTorch's graph-safe RNG), so graphed and eager decoding give the same tokens.
+    `keep` moves the rows of unfinished texts to the front of the same buffers; later steps run (and are
+    captured) for the smaller batch.
     """
 
     def __init__(
         self,
         model: T3,
-        texts: int,
-        cfg: bool,
+        cfg_weight: float,
         capacity: int,
         pads: Tensor,
+        sampling: SamplingSettings,
+        generators: Sequence[torch.Generator | None],
         *,
+        length: int,
+        ignore_stop: bool,
         cuda_graph: bool = True,
         compiled: bool = False,
     ) -> None:
         self.model = model
-        self.texts = texts
-        self.per_text = 2 if cfg else 1
-        rows = texts * self.per_text
-        device = model.device
-        self.cache = KVCache(model.config, rows, capacity, device, model.dtype)
-        self.tokens = torch.zeros(texts, dtype=torch.long, device=device)
-        self.column = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
+        self.texts = len(generators)
+        self.cfg_weight = cfg_weight
+        self.per_text = 2 if cfg_weight > 0 else 1
+        self.sampling = sampling
+        self.generators = list(generators)
+        self.ignore_stop = ignore_stop
+        config, device, rows = model.config, model.device, self.rows
+        self.cache = KVCache(config, rows, capacity, device, model.dtype)
+        self.logits = torch.zeros(rows, config.speech_vocab_size, dtype=model.dtype, device=device)
+        self.tokens = torch.zeros(self.texts, dtype=torch.long, device=device)
+        self.seen = torch.zeros(self.texts, config.speech_vocab_size, dtype=torch.bool, device=device)
+        self.seen[:, config.start_speech_token] = True
+        self.out = torch.zeros(self.texts, length, dtype=torch.long, device=device)  # [text, step]
+        self.out_rows = torch.arange(self.texts, device=device)  # the out row of each batch row
+        self.step = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
+        self.column = torch.zeros(1, dtype=torch.long, device=device)
         self.speech_position = torch.zeros(1, dtype=torch.long, device=device)
         slots = torch.arange(capacity, device=device)
         self.pads = pads.to(device)
@@ -547,35 +584,50 @@ class DecodeStep:
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
         on_cuda = device.type == "cuda"
         # torch.compile(mode="reduce-overhead") only on CUDA (CPU inductor needs a C++ toolchain); it brings
-        # its own CUDA graphs, which need the buffers it mutates marked static.
+        # its own CUDA graphs around the backbone, which need the buffers it mutates marked static.
         self.compiled = compiled and on_cuda
-        self.use_graph = cuda_graph and on_cuda and not self.compiled
+        self.graphed = cuda_graph and on_cuda and not self.compiled
         if self.compiled:
-            buffers = (self.cache.k, self.cache.v, self.tokens, self.column, self.positions)
-            for buffer in (*buffers, self.speech_position, self.key_valid):
+            static = (self.cache.kv, self.tokens, self.column, self.positions, self.speech_position)
+            for buffer in (*static, self.key_valid):
                 torch._dynamo.mark_static_address(buffer)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: tuple[int, int] | None = None
-        self.mode = "torch.compile" if self.compiled else "cuda-graph" if self.use_graph else "eager"
+        self.mode = "torch.compile" if self.compiled else "cuda-graph" if self.graphed else "eager"
 
     @property
     def rows(self) -> int:
         return self.texts * self.per_text
 
-    def prefill(self, prompt: Tensor) -> Tensor:
-        """Run the left-padded prompts [rows, L, hidden]; speech logits of their last position [rows, V]."""
+    def prefill(self, prompt: Tensor) -> None:
+        """Run the left-padded prompts [rows, L, hidden]; their last position's logits come next."""
         length = prompt.shape[1]
         columns = torch.arange(length, device=prompt.device)
         positions = (columns[None, :] - self.pads[:, None]).clamp(min=0)
         hidden = self.model.tfmr.forward_cached(
-            prompt, layer_views(self.cache.k, self.cache.v, self.rows), columns, positions, self.key_valid
+            prompt, layer_views(self.cache.kv, self.rows), columns, positions, self.key_valid
         )
+        self.logits.copy_(self.model.speech_head(hidden[:, -1]))
         self.column.fill_(length)
         self.positions.copy_(positions[:, -1] + 1)
         self.speech_position.fill_(1)  # the prompt ends with the start token at speech position 0
-        return self.model.speech_head(hidden[:, -1])
 
-    def _run(self) -> Tensor:
+    def _sample(self) -> None:
+        """Choose each text's next token into `tokens` and `out`; mark it seen."""
+        texts, config = self.texts, self.model.config
+        logits = self.logits[: self.rows]
+        if self.cfg_weight > 0:
+            logits = combine_cfg(logits, self.cfg_weight)
+        logits = logits.to(torch.float32, copy=True)
+        if self.ignore_stop:
+            logits[:, config.stop_speech_token] = float("-inf")
+        token = choose_next_token(logits, self.seen[:texts], self.sampling, self.generators[:texts])
+        self.out.index_put_((self.out_rows[:texts], self.step.expand(texts)), token)
+        self.seen[:texts].scatter_(1, token[:, None], True)
+        self.tokens[:texts].copy_(token)
+        self.step += 1
+
+    def _decode(self) -> Tensor:
         body = _compiled_decode_body() if self.compiled else _decode_body
         return body(
             self.model,
@@ -586,52 +638,115 @@ class DecodeStep:
             self.positions,
             self.speech_position,
             self.key_valid,
-            self.cache.k,
-            self.cache.v,
+            self.cache.kv,
         )
 
-    def _capture(self) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # Warm-up runs (lazy init, cuBLAS workspaces) write garbage keys/values at the current column only,
-        # which the next real step overwrites before anything reads it.
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._run()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._run()
-        self.pool = graph.pool()
-        return graph, logits
-
-    def __call__(self, tokens: Tensor) -> Tensor:
-        """tokens [texts] long -> logits [rows, V]; then the step's column and positions advance."""
-        self.tokens[: self.texts].copy_(tokens)
-        if self.compiled:
-            logits = self._run().clone()  # its output buffer is reused by the next replay
-        elif self.use_graph:
-            if self.texts not in self.graphs:
-                self.graphs = {self.texts: self._capture()}
-            graph, logits = self.graphs[self.texts]
-            graph.replay()
-        else:
-            logits = self._run()
+    def _advance(self) -> None:
+        self._sample()
+        self.logits[: self.rows].copy_(self._decode())
         self.column += 1
         self.positions += 1
         self.speech_position += 1
-        return logits
 
-    def keep(self, texts: list[int]) -> None:
-        """Keep only these texts (indices into the current batch, in order) for the following steps."""
-        index = torch.tensor(texts, dtype=torch.long, device=self.model.device)
-        if self.per_text == 2:
-            index = torch.cat((index, index + self.texts))
-        self.cache.keep_rows(index)
-        n = index.numel()
-        self.positions[:n] = self.positions[index]
-        self.key_valid[:n] = self.key_valid[index]
-        self.texts = len(texts)
+    def _capture(self) -> torch.cuda.CUDAGraph:
+        # A warm-up of the backbone alone (lazy init, cuBLAS workspaces, attention plans for this batch)
+        # writes garbage keys/values at the current column only, which the next real step overwrites
+        # before anything reads it, and draws no random numbers.
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._decode()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        for gen in {id(g): g for g in self.generators[: self.texts] if g is not None}.values():
+            graph.register_generator_state(gen)  # the default generator registers itself
+        with torch.cuda.graph(graph, pool=self.pool):
+            self._advance()
+        self.pool = graph.pool()
+        return graph
+
+    def advance(self) -> None:
+        """Sample the next token of every text in the batch and decode it (logits for the one after)."""
+        if not self.graphed:
+            self._advance()
+            return
+        if self.texts not in self.graphs:
+            self.graphs = {self.texts: self._capture()}
+        self.graphs[self.texts].replay()
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only these batch rows (indices into the current batch, in order) for the following steps."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.model.device)
+        full = torch.cat((index, index + self.texts)) if self.per_text == 2 else index
+        self.cache.keep_rows(full)
+        n = full.numel()
+        self.positions[:n] = self.positions[full]
+        self.key_valid[:n] = self.key_valid[full]
+        self.logits[:n] = self.logits[full]
+        self.seen[: len(rows)] = self.seen[index]
+        self.out_rows[: len(rows)] = self.out_rows[index]
+        self.generators = [self.generators[r] for r in rows]
+        self.texts = len(rows)
+
+
+class Decoding:
+    """A batch of texts being decoded (T3.start_batch): `run` advances it, possibly in several calls, so a
+    caller can look at the tokens so far (`tokens`) before decoding goes on."""
+
+    def __init__(self, step: DecodeStep, limits: list[int], ignore_stop: bool, stop_token: int) -> None:
+        self.step = step
+        self.limits = limits
+        self.ignore_stop = ignore_stop
+        self.stop_token = stop_token
+        n = len(limits)
+        self.decoded = [0] * n  # tokens decoded per text (past a stop too, until the host sees it)
+        self.batch = list(range(n))  # the text in each row of the step's batch
+        self.done: set[int] = set()
+        self.steps = 0
+
+    @property
+    def finished(self) -> bool:
+        return len(self.done) == len(self.limits)
+
+    @torch.inference_mode()
+    def run(self, until: int | None = None) -> None:
+        """Decode until every text is finished, or until `until` tokens per text have been decoded."""
+        step = self.step
+        while not self.finished and (until is None or self.steps < until):
+            step.advance()
+            self.steps = i = self.steps + 1
+            finished = {t for t in self.batch if t not in self.done and i >= self.limits[t]}
+            # The host looks for stop tokens only every STOP_CHECK_EVERY steps, so the GPU never waits for
+            # the CPU in between; the few tokens decoded past a stop are cut in `tokens`.
+            if not self.ignore_stop and i % STOP_CHECK_EVERY == 0:
+                window = step.out[:, i - STOP_CHECK_EVERY : i]
+                stopped = (window == self.stop_token).any(dim=1).tolist()
+                finished |= {t for t in self.batch if t not in self.done and stopped[t]}
+            for t in finished:
+                self.decoded[t] = i
+            self.done |= finished
+            live = [r for r, t in enumerate(self.batch) if t not in self.done]
+            # Finished texts leave the batch; with CUDA graphs (one capture per batch size) only once at
+            # most half of the rows are still needed, so a batch is captured a few times, not once per text.
+            shrink = len(live) < len(self.batch) and (not step.graphed or 2 * len(live) <= len(self.batch))
+            if live and shrink:
+                step.keep(live)
+                self.batch = [self.batch[r] for r in live]
+
+    def tokens(self, text: int) -> Tensor:
+        """The speech tokens of text `text` so far (all, once finished), without a stop token and after."""
+        length = self.decoded[text] if text in self.done else self.steps
+        host = self.step.out[text, :length].cpu()
+        stops = (host == self.stop_token).nonzero()
+        if stops.numel():
+            length = int(stops[0, 0])
+        return host[:length].to(self.step.out.device)
+
+    def results(self) -> list[Tensor]:
+        """Every text's tokens; call after `run` finished."""
+        if not self.finished:
+            raise RuntimeError("decoding is not finished; call run() first")
+        return [self.tokens(t) for t in range(len(self.limits))]
 
 
 class T3(nn.Module):
@@ -804,7 +919,7 @@ class T3(nn.Module):
         )[0]
 
     @torch.inference_mode()
-    def generate_batch(
+    def start_batch(
         self,
         texts: Sequence[Tensor],
         cond: T3Cond,
@@ -816,9 +931,9 @@ class T3(nn.Module):
         ignore_stop: bool = False,
         cuda_graph: bool = True,
         compiled: bool = False,
-    ) -> list[Tensor]:
-        """Decode speech tokens for several texts at once, all in one voice. Returns one LongTensor [n_i]
-        per text, without start/stop tokens.
+    ) -> Decoding:
+        """Start decoding speech tokens for several texts at once, all in one voice: the prompts are run
+        and a Decoding is returned, which `run` advances (see generate_batch).
 
         cfg_weight > 0 runs a conditional and an unconditional row per text; 0 runs only the conditional
         row (half the KV cache). `max_new_tokens` is one limit or one per text. Each text samples from its
@@ -831,7 +946,7 @@ class T3(nn.Module):
         """
         n = len(texts)
         if n == 0:
-            return []
+            raise ValueError("no texts to decode")
         sampling = sampling or SamplingSettings()
         cfg = self.config
         limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -844,60 +959,34 @@ class T3(nn.Module):
         if len(gens) != n:
             raise ValueError(f"{len(gens)} generators for {n} texts")
         tokens = [self._check_text_tokens(t) for t in texts]
-        device = self.device
-
         prompt, pads = self.batch_prompt(tokens, cond, cfg_weight > 0)
-        capacity = prompt.shape[1] + max(limits)
-        step = DecodeStep(self, n, cfg_weight > 0, capacity, pads, cuda_graph=cuda_graph, compiled=compiled)
+        length = max(limits)
+        # capacity in whole blocks: texts of similar lengths share attention shapes (and kernel plans)
+        capacity = -(-(prompt.shape[1] + length) // CAPACITY_BLOCK) * CAPACITY_BLOCK
+        step = DecodeStep(
+            self,
+            cfg_weight,
+            capacity,
+            pads,
+            sampling,
+            gens,
+            length=length,
+            ignore_stop=ignore_stop,
+            cuda_graph=cuda_graph,
+            compiled=compiled,
+        )
         self.last_decode_mode = step.mode
-        logits = step.prefill(prompt)
+        step.prefill(prompt)
+        return Decoding(step, limits, ignore_stop, cfg.stop_speech_token)
 
-        out = torch.zeros(n, max(limits), dtype=torch.long, device=device)
-        decoded = [0] * n  # tokens decoded per text (past a stop too, until the host sees it)
-        active = list(range(n))  # the texts in the batch, in row order
-        active_index = torch.arange(n, device=device)
-        seen = torch.zeros(n, cfg.speech_vocab_size, dtype=torch.bool, device=device)
-        seen[:, cfg.start_speech_token] = True
-        i = 0
-        while True:
-            if cfg_weight > 0:
-                logits = combine_cfg(logits, cfg_weight)
-            logits = logits.float()
-            if ignore_stop:
-                logits[:, cfg.stop_speech_token] = float("-inf")
-            token = choose_next_token(logits, seen, sampling, [gens[t] for t in active])
-            out[:, i].index_copy_(0, active_index, token)  # no host index: a host->device copy would sync
-            i += 1
-            finished = {r for r, t in enumerate(active) if i >= limits[t]}
-            # The host looks for stop tokens only every STOP_CHECK_EVERY steps, so the GPU never waits for
-            # the CPU in between; the few tokens decoded past a stop are cut below.
-            if not ignore_stop and i % STOP_CHECK_EVERY == 0:
-                window = out[active_index, i - STOP_CHECK_EVERY : i]
-                stopped = (window == cfg.stop_speech_token).any(dim=1).tolist()
-                finished |= {r for r, s in enumerate(stopped) if s}
-            for r in finished:
-                decoded[active[r]] = i
-            if len(finished) == len(active):
-                break
-            seen.scatter_(1, token[:, None], True)
-            if finished:
-                keep = [r for r in range(len(active)) if r not in finished]
-                step.keep(keep)
-                active = [active[r] for r in keep]
-                kept = torch.tensor(keep, device=device)
-                active_index, seen, token = active_index[kept], seen[kept], token[kept]
-            logits = step(token)
-
-        results = []
-        host = out.cpu()
-        for t in range(n):
-            length = decoded[t]
-            if not ignore_stop:
-                stops = (host[t, :length] == cfg.stop_speech_token).nonzero()
-                if stops.numel():
-                    length = int(stops[0, 0])
-            results.append(out[t, :length].clone())
-        return results
+    def generate_batch(self, texts: Sequence[Tensor], cond: T3Cond, **options: Any) -> list[Tensor]:
+        """Decode speech tokens for several texts at once, all in one voice. Returns one LongTensor [n_i]
+        per text, without start/stop tokens. Options as for start_batch."""
+        if not texts:
+            return []
+        decoding = self.start_batch(texts, cond, **options)
+        decoding.run()
+        return decoding.results()
 
 
 def _stable_seed(seed: int, name: str) -> int:

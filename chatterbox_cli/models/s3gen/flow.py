@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chatterbox_cli.models.cuda_graphs import GraphedCall, capturable
+
 from .conformer import UpsampleConformerEncoder, lengths_to_mask
 from .estimator import ConditionalDecoder
 
@@ -75,6 +77,8 @@ class CausalCFM(nn.Module):
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
         self.cfg_rate = config.cfg_rate
+        self.cuda_graph = True  # replay the estimator as a CUDA graph on CUDA (see forward)
+        self.kept: tuple[tuple[object, ...], GraphedCall] | None = None  # (shape, graph), see keep_graph
         self.estimator = ConditionalDecoder(
             in_channels=4 * config.mel_dim,
             out_channels=config.mel_dim,
@@ -86,9 +90,20 @@ class CausalCFM(nn.Module):
         )
 
     def forward(
-        self, noise: Tensor, mu: Tensor, mask: Tensor, spks: Tensor, cond: Tensor, n_timesteps: int
+        self,
+        noise: Tensor,
+        mu: Tensor,
+        mask: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        n_timesteps: int,
+        keep_graph: bool = False,
     ) -> Tensor:
-        """noise, mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T]."""
+        """noise, mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T].
+
+        `keep_graph`: keep this call's CUDA graph (one shape at a time) for later calls of the same shape,
+        whose steps then all replay it: for a shape that recurs, like the early piece of every run.
+        """
         dtype = self.estimator.final_proj.weight.dtype
         x = noise.to(dtype)
         mu, mask, spks, cond = mu.to(dtype), mask.to(dtype), spks.to(dtype), cond.to(dtype)
@@ -99,8 +114,18 @@ class CausalCFM(nn.Module):
         cond2 = torch.cat([cond, torch.zeros_like(cond)])
         mask2 = torch.cat([mask, mask])
         times = cosine_time_grid(n_timesteps, x.device, dtype)
-        for t0, t1 in zip(times[:-1], times[1:], strict=False):
-            v = self.estimator(torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
+        # On CUDA the steps after the first (which warms up) replay one captured graph: the estimator is
+        # some 1,400 small kernels, so eager steps cost more launch time than GPU time.
+        use_graph = self.cuda_graph and n_timesteps >= 3 and capturable(self.estimator, x)
+        shape = (b, x.size(2), dtype, x.device)
+        graphed = self.kept[1] if use_graph and self.kept is not None and self.kept[0] == shape else None
+        for step, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=False)):
+            args = (torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
+            if use_graph and graphed is None and step == 1:
+                graphed = GraphedCall(self.estimator, *args)
+                if keep_graph:
+                    self.kept = (shape, graphed)
+            v = self.estimator(*args) if graphed is None else graphed(*args)
             v_cond, v_uncond = v[:b], v[b:]
             x = x + (t1 - t0) * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
         return x
@@ -148,6 +173,7 @@ class Flow(nn.Module):
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        keep_graph: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Mel for `tokens` [B, T] (valid lengths `token_lens` [B]) in the voice of the prompt.
 
@@ -156,6 +182,7 @@ class Flow(nn.Module):
         normal noise is drawn (from `generator` if given, else the global RNG, like the reference).
         A list of B generators draws each row's noise [1, 80, 2P + 2 token_lens[b]] from its own, so a
         row starts from the noise it would get alone.
+        `keep_graph`: see CausalCFM.forward.
         Returns (mel [B, 80, 2T] zero past each length, mel lengths [B] = 2 * token_lens).
         """
         n_timesteps = self.config.n_timesteps if n_timesteps is None else n_timesteps
@@ -203,6 +230,7 @@ class Flow(nn.Module):
             spks,
             cond.transpose(1, 2),
             n_timesteps,
+            keep_graph,
         )
         mel = mel * mask  # padded frames keep their noise otherwise
         return mel[:, :, n_prompt_frames:], mel_lengths - n_prompt_frames

@@ -12,11 +12,11 @@ Weight norm: the official checkpoint stores weight-normed convolutions as
 ``state_dict()`` writes the official ``parametrizations`` form back out.
 
 Batches: rows are padded to one mel length; pass ``lengths`` (valid mel frames per row). `inference`
-runs the network one row at a time on that row's own frames, so a row's waveform is the one it gets
-alone (padding cannot leak in), padding costs nothing, and the workspace is one row's. Measured on CPU,
-one thread: a padded batch of 4 rows through the network took 1.4x the time of the 4 rows one by one
-(bigger tensors, worse cache use), with or without masking the padding. Long mels are decoded in chunks
-(`decode`), so a row's workspace stays bounded too.
+runs the network on each row's own frames only, so a row's waveform is the one it gets alone (padding
+cannot leak in) and padding costs nothing. On the CPU it goes row by row (measured, one thread: a padded
+batch of 4 rows took 1.4x the time of the 4 rows one by one), long mels in chunks (`decode`), so the
+workspace is one row's chunk. On CUDA, where one row's chunks are too small to keep the GPU busy, the
+chunks of all rows are run together (`decode_rows`).
 """
 
 from __future__ import annotations
@@ -36,6 +36,26 @@ from torch import nn
 # differences of 7e-5, 12 or more only rounding, 3e-7).
 DECODE_CHUNK_BYTES = 16 * 1024**2
 DECODE_CONTEXT_FRAMES = 24
+# On CUDA all rows' chunks go through the network together, grouped by length: every chunk is
+# DECODE_WINDOW_FRAMES long (a row's last one ends at the row's end, overlapping the one before), so a
+# batch has two span lengths (window + one or two contexts) whatever its rows' lengths. One call per
+# length instead of one per row and chunk, and few shapes to plan kernels for.
+DECODE_WINDOW_FRAMES = 128
+
+
+def decode_windows(total: int, window: int, context: int, align_end: bool) -> list[tuple[int, int, int, int]]:
+    """How `total` mel frames are decoded in chunks: (lo, hi, start, end) per chunk, in order. Output frames
+    [start, end) come from the network run on frames [lo, hi), which include `context` frames on each
+    side where the mel has them. With `align_end` the last chunk is a whole window ending at `total`."""
+    if total <= window + 2 * context:
+        return [(0, total, 0, total)]
+    spans = []
+    for start in range(0, total, window):
+        end = min(start + window, total)
+        first = max(0, end - window) if align_end else start
+        spans.append((max(0, first - context), min(total, end + context), start, end))
+    return spans
+
 
 _G_KEYS = ("parametrizations.weight.original0", "weight_g")
 _V_KEYS = ("parametrizations.weight.original1", "weight_v")
@@ -355,31 +375,74 @@ class HiFTGenerator(nn.Module):
         dtype = self.conv_pre.weight.dtype
         total = mel.shape[-1]
         source_spec = self._stft(source.squeeze(1)).to(dtype)
-        rate = cfg.samples_per_frame // cfg.istft_hop  # last-stage positions per mel frame
         chunk = chunk_frames or self.decode_chunk_frames(mel.shape[0], dtype)
-        if total <= chunk + 2 * DECODE_CONTEXT_FRAMES:
-            x = self._decode_span(mel, source_spec)
-        else:
-            pieces = []
-            for start in range(0, total, chunk):
-                end = min(start + chunk, total)
-                lo, hi = max(0, start - DECODE_CONTEXT_FRAMES), min(total, end + DECODE_CONTEXT_FRAMES)
-                span = self._decode_span(mel[:, :, lo:hi], source_spec[:, :, rate * lo : rate * hi + 1])
-                # span position k is last-stage position rate * lo + k; the final position closes the mel
-                pieces.append(span[:, :, rate * (start - lo) : rate * (end - lo) + (end == total)])
-                del span
-            x = torch.cat(pieces, dim=-1)
-            del pieces
-        del source_spec
+        pieces = []
+        for lo, hi, start, end in decode_windows(total, chunk, DECODE_CONTEXT_FRAMES, align_end=False):
+            span = self._decode_span(mel[:, :, lo:hi], self._spec_span(source_spec, lo, hi))
+            pieces.append(self._cut(span, lo, start, end, total))
+            del span
+        x = torch.cat(pieces, dim=-1)
+        del pieces, source_spec
         return self._istft(x).clamp_(-cfg.audio_limit, cfg.audio_limit)
+
+    def decode_rows(
+        self, mels: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+    ) -> list[torch.Tensor]:
+        """Waveforms [1, T_i * samples_per_frame] of several rows (mel [1, 80, T_i], excitation
+        [1, 1, samples_i]), their chunks decoded together (see DECODE_WINDOW_FRAMES). Each chunk runs on
+        its own frames only, so a row's waveform does not depend on the other rows and equals one pass up
+        to rounding. The last-stage activations of one call stay within DECODE_CHUNK_BYTES per row."""
+        cfg = self.config
+        dtype = self.conv_pre.weight.dtype
+        specs = [self._stft(s.squeeze(1)).to(dtype) for s in sources]
+        totals = [m.shape[-1] for m in mels]
+        by_length: dict[int, list[tuple[int, int, int, int, int]]] = {}
+        for row, total in enumerate(totals):
+            for lo, hi, start, end in decode_windows(
+                total, DECODE_WINDOW_FRAMES, DECODE_CONTEXT_FRAMES, align_end=True
+            ):
+                by_length.setdefault(hi - lo, []).append((row, lo, hi, start, end))
+        budget = DECODE_CHUNK_BYTES * len(mels)
+        pieces: dict[tuple[int, int], torch.Tensor] = {}
+        for length, spans in by_length.items():
+            per_call = max(1, budget // (length * self._last_stage_bytes_per_frame(dtype)))
+            for i in range(0, len(spans), per_call):
+                part = spans[i : i + per_call]
+                x = self._decode_span(
+                    torch.cat([mels[r][:, :, lo:hi] for r, lo, hi, _, _ in part]),
+                    torch.cat([self._spec_span(specs[r], lo, hi) for r, lo, hi, _, _ in part]),
+                )
+                for k, (r, lo, _, start, end) in enumerate(part):
+                    pieces[r, start] = self._cut(x[k : k + 1], lo, start, end, totals[r])
+                del x
+        del specs
+        wavs = []
+        for row in range(len(totals)):
+            starts = sorted(start for r, start in pieces if r == row)
+            x = torch.cat([pieces.pop((row, start)) for start in starts], dim=-1)
+            wavs.append(self._istft(x).clamp_(-cfg.audio_limit, cfg.audio_limit))
+        return wavs
+
+    def _spec_span(self, source_spec: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        rate = self.config.samples_per_frame // self.config.istft_hop  # last-stage positions per frame
+        return source_spec[:, :, rate * lo : rate * hi + 1]
+
+    def _cut(self, span: torch.Tensor, lo: int, start: int, end: int, total: int) -> torch.Tensor:
+        """The part of a decoded span [.., 18, rate * (hi - lo) + 1] for output frames [start, end): span
+        position k is last-stage position rate * lo + k, and the final position closes the mel."""
+        rate = self.config.samples_per_frame // self.config.istft_hop
+        return span[:, :, rate * (start - lo) : rate * (end - lo) + (end == total)]
+
+    def _last_stage_bytes_per_frame(self, dtype: torch.dtype) -> int:
+        cfg = self.config
+        rate = cfg.samples_per_frame // cfg.istft_hop
+        channels = cfg.base_channels >> len(cfg.upsample_rates)
+        return channels * rate * torch.empty((), dtype=dtype).element_size()
 
     def decode_chunk_frames(self, batch: int, dtype: torch.dtype) -> int:
         """Mel frames per decode chunk: one [batch, last channels, frames * 120] tensor within
         DECODE_CHUNK_BYTES, and at least 2 x the context."""
-        cfg = self.config
-        rate = cfg.samples_per_frame // cfg.istft_hop
-        channels = cfg.base_channels >> len(cfg.upsample_rates)
-        per_frame = batch * channels * rate * torch.empty((), dtype=dtype).element_size()
+        per_frame = batch * self._last_stage_bytes_per_frame(dtype)
         return max(2 * DECODE_CONTEXT_FRAMES, DECODE_CHUNK_BYTES // per_frame)
 
     def _decode_span(self, mel: torch.Tensor, source_spec: torch.Tensor) -> torch.Tensor:
@@ -430,9 +493,8 @@ class HiFTGenerator(nn.Module):
             noise = draw_source_noise(b, self.m_source.harmonics, total * spf, generator, device)
         wav = torch.zeros(b, total * spf, device=device)
         sources = torch.zeros(b, 1, total * spf, device=device)
-        for row, n in enumerate(frames):
-            if n < 1:
-                continue
+        voiced = [(row, n) for row, n in enumerate(frames) if n > 0]
+        for row, n in voiced:
             mel = speech_feat[row : row + 1, :, :n]
             if noise is None:
                 row_noise = draw_source_noise(1, self.m_source.harmonics, n * spf, generator[row], device)
@@ -443,8 +505,16 @@ class HiFTGenerator(nn.Module):
             if cache_source is not None and cache_source.shape[-1] > 0:
                 cached = cache_source[min(row, cache_source.shape[0] - 1), :, : n * spf]
                 source[0, :, : cached.shape[-1]] = cached.to(source.dtype)
-            wav[row, : n * spf] = self.decode(mel, source)[0]
             sources[row, :, : n * spf] = source[0]
+            if not speech_feat.is_cuda:  # on the CPU row by row (see the module notes)
+                wav[row, : n * spf] = self.decode(mel, source)[0]
+        if speech_feat.is_cuda and voiced:
+            rows = self.decode_rows(
+                [speech_feat[row : row + 1, :, :n] for row, n in voiced],
+                [sources[row : row + 1, :, : n * spf] for row, n in voiced],
+            )
+            for (row, n), row_wav in zip(voiced, rows, strict=True):
+                wav[row, : n * spf] = row_wav[0]
         return wav, sources
 
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -300,10 +300,12 @@ class S3Gen(nn.Module):
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        keep_graph: bool = False,
     ) -> Tensor:
         """tokens [B, T] long (< 6561) -> mel [B, 80, 2T]; row b is valid for 2 * token_lens[b] frames
         and zero after. `noise` [B, 80, 2P + 2T] (P = prompt tokens) or `generator` (one, or one per
-        row) fixes the ODE start."""
+        row) fixes the ODE start. `keep_graph`: keep the flow's CUDA graph for this shape (a shape that
+        recurs; see CausalCFM.forward)."""
         self._need("flow")
         tokens = torch.atleast_2d(tokens)
         device = self.flow.encoder_proj.weight.device
@@ -319,6 +321,7 @@ class S3Gen(nn.Module):
                 n_timesteps=n_timesteps,
                 noise=noise,
                 generator=generator,
+                keep_graph=keep_graph,
             )
         return mel
 
@@ -353,18 +356,19 @@ class S3Gen(nn.Module):
         n_timesteps: int | None = None,
         noise: Tensor | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        keep_graph: bool = False,
     ) -> Tensor:
         """tokens [B, T] -> waveform [B, 2T * 480] at 24 kHz, valid for 960 * token_lens[b] samples.
 
         One `generator` seeds both the flow's start noise and the vocoder's source noise (in that
         order), so a seed reproduces the audio; a list of B generators does so per row, and row b then
         equals the row synthesized alone with its generator. The first 40 ms are faded in as the
-        reference does.
+        reference does. `keep_graph`: see tokens_to_mel.
         """
         tokens = torch.atleast_2d(tokens)
         if token_lens is None:
             token_lens = torch.full((tokens.size(0),), tokens.size(1), dtype=torch.long)
-        mel = self.tokens_to_mel(tokens, cond, token_lens, n_timesteps, noise, generator)
+        mel = self.tokens_to_mel(tokens, cond, token_lens, n_timesteps, noise, generator, keep_graph)
         wav = self.mel_to_wav(mel, generator, token_lens.to(mel.device) * MEL_FRAMES_PER_TOKEN)
         fade = trim_fade(device=wav.device)
         n = min(fade.numel(), wav.size(1))
