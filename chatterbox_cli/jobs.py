@@ -327,7 +327,7 @@ class _Runner:
         run.voice_s = time.perf_counter() - started
         if job.save_voice is not None:
             self.save_voice(job.save_voice)
-        if work and any(chunks for _, chunks in work):
+        if any(chunks for _, chunks in work):
             run.warm_up_s = service.warm_up(self.model, self.conds)
 
         self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))

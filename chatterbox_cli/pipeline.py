@@ -28,7 +28,6 @@ from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chars_in_vocab, chunk_text, 
 
 SAMPLE_RATE = 24_000
 MAX_SEED = 2**63 - 1
-SAMPLES_PER_TOKEN = SAMPLE_RATE // 25
 # Early audio: the first chunk's first EARLY_TOKENS speech tokens are rendered while T3 goes on; the last
 # EARLY_LOOKAHEAD of them wait for the whole chunk (the flow looks at context on both sides), and the
 # early piece hands over to the whole-chunk rendering with a CROSSFADE_MS crossfade.
@@ -276,7 +275,7 @@ def synthesize(
                     generator=s3gen_generator(0),
                     keep_graph=True,  # every run's early piece has this shape (see service.warm_up)
                 )[0]
-                end = (prefix.numel() - EARLY_LOOKAHEAD) * SAMPLES_PER_TOKEN
+                end = (prefix.numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token
                 audio = wav[:end].detach().to("cpu", torch.float32).numpy()
                 hold = min(round(SAMPLE_RATE * CROSSFADE_MS / 1000), end // 2)
                 piece = fade_edges(audio[: end - hold], SAMPLE_RATE, end=False)

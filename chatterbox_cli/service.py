@@ -446,9 +446,8 @@ def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify
     return prepared.conds
 
 
-AUTO_BATCH_LIMIT = (
-    64  # a decode step is launch-bound: 64 chunks (128 rows) decode at ~25x the tokens/s of one
-)
+# decode steps are launch-bound: 64 chunks (128 rows) decode at ~25x the tokens/s of one
+AUTO_BATCH_LIMIT = 64
 
 
 def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[int, str]:

@@ -215,7 +215,7 @@ def test_early_piece_then_the_rest_of_the_first_chunk(loaded: service.LoadedMode
     early, rest = streamed[0].audio, streamed[1].audio
     hold = round(pipeline.SAMPLE_RATE * pipeline.CROSSFADE_MS / 1000)
     end = early.shape[0] + hold  # the early tokens' audio, less the lookahead
-    assert end == (16 - pipeline.EARLY_LOOKAHEAD) * pipeline.SAMPLES_PER_TOKEN
+    assert end == (16 - pipeline.EARLY_LOOKAHEAD) * loaded.s3gen.samples_per_token == 8 * 960
     assert early.shape[0] + rest.shape[0] == plain[0].audio.shape[0]
     assert streamed[0].speech_tokens == 0 and streamed[1].speech_tokens == plain[0].speech_tokens
     # after the crossfade, the rest is the whole-chunk rendering; later chunks are untouched

@@ -219,7 +219,6 @@ class KVCache:
     ) -> None:
         shape = (config.n_layers, 2, rows, config.n_heads, capacity, config.head_dim)
         self.kv = torch.zeros(shape, device=device, dtype=dtype)
-        self.capacity = capacity
 
     def keep_rows(self, rows: Tensor) -> None:
         """Move rows `rows` (in that order) to the front, one layer at a time to bound the temporary."""
@@ -693,11 +692,10 @@ class Decoding:
     """A batch of texts being decoded (T3.start_batch): `run` advances it, possibly in several calls, so a
     caller can look at the tokens so far (`tokens`) before decoding goes on."""
 
-    def __init__(self, step: DecodeStep, limits: list[int], ignore_stop: bool, stop_token: int) -> None:
+    def __init__(self, step: DecodeStep, limits: list[int]) -> None:
         self.step = step
         self.limits = limits
-        self.ignore_stop = ignore_stop
-        self.stop_token = stop_token
+        self.stop_token = step.model.config.stop_speech_token
         n = len(limits)
         self.decoded = [0] * n  # tokens decoded per text (past a stop too, until the host sees it)
         self.batch = list(range(n))  # the text in each row of the step's batch
@@ -718,7 +716,7 @@ class Decoding:
             finished = {t for t in self.batch if t not in self.done and i >= self.limits[t]}
             # The host looks for stop tokens only every STOP_CHECK_EVERY steps, so the GPU never waits for
             # the CPU in between; the few tokens decoded past a stop are cut in `tokens`.
-            if not self.ignore_stop and i % STOP_CHECK_EVERY == 0:
+            if not step.ignore_stop and i % STOP_CHECK_EVERY == 0:
                 window = step.out[:, i - STOP_CHECK_EVERY : i]
                 stopped = (window == self.stop_token).any(dim=1).tolist()
                 finished |= {t for t in self.batch if t not in self.done and stopped[t]}
@@ -733,20 +731,25 @@ class Decoding:
                 step.keep(live)
                 self.batch = [self.batch[r] for r in live]
 
-    def tokens(self, text: int) -> Tensor:
-        """The speech tokens of text `text` so far (all, once finished), without a stop token and after."""
+    def _valid(self, text: int, host_row: Tensor) -> Tensor:
+        """Text `text`'s tokens so far (all, once finished) from its output row read to the host, without
+        a stop token and after."""
         length = self.decoded[text] if text in self.done else self.steps
-        host = self.step.out[text, :length].cpu()
-        stops = (host == self.stop_token).nonzero()
+        stops = (host_row[:length] == self.stop_token).nonzero()
         if stops.numel():
             length = int(stops[0, 0])
-        return host[:length].to(self.step.out.device)
+        return self.step.out[text, :length].clone()
+
+    def tokens(self, text: int) -> Tensor:
+        """The speech tokens of text `text` so far (all, once finished), without a stop token and after."""
+        return self._valid(text, self.step.out[text, : self.steps].cpu())
 
     def results(self) -> list[Tensor]:
-        """Every text's tokens; call after `run` finished."""
+        """Every text's tokens (one read of the output); call after `run` finished."""
         if not self.finished:
             raise RuntimeError("decoding is not finished; call run() first")
-        return [self.tokens(t) for t in range(len(self.limits))]
+        host = self.step.out.cpu()
+        return [self._valid(t, host[t]) for t in range(len(self.limits))]
 
 
 class T3(nn.Module):
@@ -948,7 +951,6 @@ class T3(nn.Module):
         if n == 0:
             raise ValueError("no texts to decode")
         sampling = sampling or SamplingSettings()
-        cfg = self.config
         limits = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
         if len(limits) != n:
             raise ValueError(f"{len(limits)} max_new_tokens for {n} texts")
@@ -977,7 +979,7 @@ class T3(nn.Module):
         )
         self.last_decode_mode = step.mode
         step.prefill(prompt)
-        return Decoding(step, limits, ignore_stop, cfg.stop_speech_token)
+        return Decoding(step, limits)
 
     def generate_batch(self, texts: Sequence[Tensor], cond: T3Cond, **options: Any) -> list[Tensor]:
         """Decode speech tokens for several texts at once, all in one voice. Returns one LongTensor [n_i]

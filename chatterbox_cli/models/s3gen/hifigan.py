@@ -364,46 +364,37 @@ class HiFTGenerator(nn.Module):
     def decode(
         self, mel: torch.Tensor, source: torch.Tensor, chunk_frames: int | None = None
     ) -> torch.Tensor:
-        """Waveform [B, T * samples_per_frame] from mel [B, 80, T] and excitation [B, 1, samples].
-
-        Long mels go through the upsampling network in chunks of `chunk_frames` frames (default:
-        `decode_chunk_frames`), each with DECODE_CONTEXT_FRAMES of context on both sides (more than the
-        network's receptive field, so the result equals one pass up to rounding); only the 18-channel
-        spectra span the whole mel.
-        """
-        cfg = self.config
-        dtype = self.conv_pre.weight.dtype
-        total = mel.shape[-1]
-        source_spec = self._stft(source.squeeze(1)).to(dtype)
-        chunk = chunk_frames or self.decode_chunk_frames(mel.shape[0], dtype)
-        pieces = []
-        for lo, hi, start, end in decode_windows(total, chunk, DECODE_CONTEXT_FRAMES, align_end=False):
-            span = self._decode_span(mel[:, :, lo:hi], self._spec_span(source_spec, lo, hi))
-            pieces.append(self._cut(span, lo, start, end, total))
-            del span
-        x = torch.cat(pieces, dim=-1)
-        del pieces, source_spec
-        return self._istft(x).clamp_(-cfg.audio_limit, cfg.audio_limit)
+        """Waveform [B, T * samples_per_frame] from mel [B, 80, T] and excitation [B, 1, samples], each row
+        on its own (decode_rows). Long mels go through the upsampling network in chunks of `chunk_frames`
+        frames (default: `decode_chunk_frames`); the last chunk takes what is left."""
+        window = chunk_frames or self.decode_chunk_frames(1, self.conv_pre.weight.dtype)
+        rows = self.decode_rows(list(mel.split(1)), list(source.split(1)), window=window, align_end=False)
+        return torch.cat(rows)
 
     def decode_rows(
-        self, mels: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]
+        self,
+        mels: Sequence[torch.Tensor],
+        sources: Sequence[torch.Tensor],
+        window: int = DECODE_WINDOW_FRAMES,
+        align_end: bool = True,
     ) -> list[torch.Tensor]:
         """Waveforms [1, T_i * samples_per_frame] of several rows (mel [1, 80, T_i], excitation
-        [1, 1, samples_i]), their chunks decoded together (see DECODE_WINDOW_FRAMES). Each chunk runs on
-        its own frames only, so a row's waveform does not depend on the other rows and equals one pass up
-        to rounding. The last-stage activations of one call stay within DECODE_CHUNK_BYTES per row."""
+        [1, 1, samples_i]). The upsampling network runs on chunks of `window` frames (decode_windows), each
+        with DECODE_CONTEXT_FRAMES of context on both sides: more than the network's receptive field, so a
+        row's waveform equals one pass up to rounding and does not depend on the other rows; only the
+        18-channel spectra span a whole row. Chunks of equal span length go through together (see
+        DECODE_WINDOW_FRAMES), while the last-stage activations of one call stay within
+        DECODE_CHUNK_BYTES per row."""
         cfg = self.config
         dtype = self.conv_pre.weight.dtype
         specs = [self._stft(s.squeeze(1)).to(dtype) for s in sources]
         totals = [m.shape[-1] for m in mels]
         by_length: dict[int, list[tuple[int, int, int, int, int]]] = {}
         for row, total in enumerate(totals):
-            for lo, hi, start, end in decode_windows(
-                total, DECODE_WINDOW_FRAMES, DECODE_CONTEXT_FRAMES, align_end=True
-            ):
+            for lo, hi, start, end in decode_windows(total, window, DECODE_CONTEXT_FRAMES, align_end):
                 by_length.setdefault(hi - lo, []).append((row, lo, hi, start, end))
         budget = DECODE_CHUNK_BYTES * len(mels)
-        pieces: dict[tuple[int, int], torch.Tensor] = {}
+        pieces: list[dict[int, torch.Tensor]] = [{} for _ in totals]  # per row: chunk start -> spectra
         for length, spans in by_length.items():
             per_call = max(1, budget // (length * self._last_stage_bytes_per_frame(dtype)))
             for i in range(0, len(spans), per_call):
@@ -413,13 +404,13 @@ class HiFTGenerator(nn.Module):
                     torch.cat([self._spec_span(specs[r], lo, hi) for r, lo, hi, _, _ in part]),
                 )
                 for k, (r, lo, _, start, end) in enumerate(part):
-                    pieces[r, start] = self._cut(x[k : k + 1], lo, start, end, totals[r])
+                    pieces[r][start] = self._cut(x[k : k + 1], lo, start, end, totals[r])
                 del x
         del specs
         wavs = []
-        for row in range(len(totals)):
-            starts = sorted(start for r, start in pieces if r == row)
-            x = torch.cat([pieces.pop((row, start)) for start in starts], dim=-1)
+        for row_pieces in pieces:
+            x = torch.cat([row_pieces[start] for start in sorted(row_pieces)], dim=-1)
+            row_pieces.clear()
             wavs.append(self._istft(x).clamp_(-cfg.audio_limit, cfg.audio_limit))
         return wavs
 

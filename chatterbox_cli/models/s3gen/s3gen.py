@@ -342,6 +342,11 @@ class S3Gen(nn.Module):
             if self.vocoder_home is not None:
                 self.mel2wav.to("cpu")
 
+    @property
+    def samples_per_token(self) -> int:
+        """Output samples per speech token."""
+        return MEL_FRAMES_PER_TOKEN * self.mel2wav.config.samples_per_frame
+
     def park_vocoder(self, home: torch.device | str) -> None:
         """Keep HiFT in host memory between calls; each mel_to_wav moves it to `home` and back."""
         self._need("mel2wav")
@@ -400,8 +405,7 @@ class S3Gen(nn.Module):
             tokens[row, :n] = row_tokens.reshape(-1).cpu()
         token_lens = torch.tensor(lengths, dtype=torch.long)
         wav = self.synthesize(tokens, cond, token_lens, n_timesteps, generator=list(generators))
-        samples_per_token = MEL_FRAMES_PER_TOKEN * self.mel2wav.config.samples_per_frame
-        return [wav[row, : n * samples_per_token] for row, n in enumerate(lengths)]
+        return [wav[row, : n * self.samples_per_token] for row, n in enumerate(lengths)]
 
     def forward(self, tokens: Tensor, cond: GenCond, **kwargs: object) -> Tensor:
         return self.synthesize(tokens, cond, **kwargs)  # type: ignore[arg-type]
