@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, NoReturn
 
 import typer
 
-from chatterbox_cli import __version__, vram
+from chatterbox_cli import __version__, oom, vram
 from chatterbox_cli.checkpoint import DEFAULT_REPO as DEFAULT_MODEL
-from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
+from chatterbox_cli.errors import ChatterboxError, ExitCode, OutOfMemoryError, UsageError
 
 if TYPE_CHECKING:
     from chatterbox_cli.reports import ProbeReport
@@ -43,9 +43,18 @@ def emit_json(obj: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def json_errors(enabled: bool) -> Iterator[None]:
-    """In `--json` mode turn a ChatterboxError into {"error": ..., "exit_code": ...} and that exit code."""
+    """In `--json` mode turn a ChatterboxError into {"error": ..., "exit_code": ...} and that exit code.
+    CUDA out-of-memory that no step-down handled becomes OutOfMemoryError (exit 4), never a traceback."""
     try:
-        yield
+        try:
+            yield
+        except Exception as e:
+            if isinstance(e, ChatterboxError) or not oom.is_out_of_memory(e):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise OutOfMemoryError(
+                f"out of GPU memory ({first}); try --preset auto, a shorter --max-tokens, or --device cpu"
+            ) from oom.forget_frames(e)
     except ChatterboxError as e:
         if not enabled:
             raise
@@ -107,7 +116,7 @@ def _print_vram_rich(probe: ProbeReport) -> None:
             )
         console.print(table)
         for index, (_, reason) in probe.picks.items():
-            console.print(f"GPU {index}: {escape(reason)}", highlight=False)
+            console.print(f"GPU {index}: {escape(reason)}", highlight=False, soft_wrap=True)
         if probe.would_pick_reason:
             console.print(
                 f"[yellow]would pick -: {escape(probe.would_pick_reason)}[/yellow]", highlight=False
@@ -451,7 +460,7 @@ def _print_estimate(report: Any, rich: bool) -> None:
             (
                 name,
                 _size(comps["t3"].weights_bytes),
-                _size(comps["s3gen"].weights_bytes),
+                _size(comps["s3gen"].weights_bytes) + ("" if comps["s3gen"].resident else " in turns"),
                 _size(comps["voice_encoder"].weights_bytes),
                 _size(est.kv_cache_bytes),
                 _size(est.workspace_bytes),

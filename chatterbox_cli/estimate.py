@@ -28,13 +28,13 @@ from chatterbox_cli.presets import (
     COMPONENT_SOURCES,
     NF4_BLOCKSIZE,
     NF4_NESTED_BLOCKSIZE,
-    PRESETS,
     Component,
     ComponentPlan,
     QuantPlan,
     linear_shapes_from_header,
     plan_for,
     preset_names,
+    preset_of,
     which_linears,
 )
 
@@ -90,6 +90,10 @@ MARGIN_FRACTION = 0.10
 # CUDA context when it cannot be measured (no GPU yet, or estimate before init). Consumer cards measure
 # 0.3-0.5 GB; the H100 0.77 GB (DESIGN.md). The larger consumer figure, stated as a default.
 DEFAULT_CUDA_CONTEXT_BYTES = 500 * MiB
+# What the CUDA libraries add to a context measured at start once they are used (cuBLAS and cuDNN handles,
+# lazily loaded kernels): NVML's process memory less torch's reserved memory was 0.70 GiB after a chunk for
+# every preset, against 0.60 GiB for the context alone (benchmarks/small_card.py, H100, 2026-12-06).
+CUDA_LIBRARIES_BYTES = 100 * MiB
 
 REPORT_COMPONENTS = ("t3", "s3gen", "voice_encoder")
 # Components in each report entry; voice_encoder stands for the whole voice-preparation set.
@@ -128,6 +132,7 @@ class ComponentEstimate:
     other_bytes: int
     quantized_layers: int
     mode: str
+    resident: bool = True  # False: in host memory while T3 decodes (presets.Preset.take_turns)
 
 
 def component_weights(
@@ -343,11 +348,25 @@ def estimate_plan(
     t3_ws = t3_workspace_bytes(shape, max_tokens, batch, cfg, text_tokens)
     s3_ws = s3gen_workspace_bytes(max_tokens, batch, cfg)
     # The peak is T3's (KV cache + workspace) or S3Gen's, over the resident weights; a parked vocoder is
-    # off the GPU during T3.
-    preset = PRESETS.get(plan.preset)
+    # off the GPU during T3. When T3 and S3Gen take turns, the T3 turn holds T3, its KV cache and prefill,
+    # the S3Gen turn S3Gen and its workspace: the larger of the two, counted as T3's weights and KV cache
+    # plus the S3Gen turn's excess as workspace.
+    preset = preset_of(plan)
+    take_turns = preset is not None and preset.take_turns
     parked = parts["mel2wav"].weights_bytes if preset is not None and preset.park_vocoder else 0
-    workspace = max(t3_ws - parked, s3_ws - kv, 0)
-    resident = components["t3"].weights_bytes + components["s3gen"].weights_bytes
+    t3_weights, s3gen_weights = components["t3"].weights_bytes, components["s3gen"].weights_bytes
+    if take_turns:
+        workspace = max(t3_ws, s3gen_weights + s3_ws - t3_weights - kv, 0)
+        resident = t3_weights
+        components["s3gen"].resident = False
+    else:
+        from chatterbox_cli.pipeline import EARLY_TOKENS
+
+        # The first chunk's early piece is rendered while T3 holds that chunk's KV cache (vocoder on the GPU).
+        early_kv = kv_cache_bytes(shape, max_tokens, 1, cfg, text_tokens)
+        early = early_kv + s3gen_workspace_bytes(EARLY_TOKENS, 1, cfg)
+        workspace = max(t3_ws - parked, s3_ws - kv, early - kv, 0)
+        resident = t3_weights + s3gen_weights
     voice_prep = components["voice_encoder"].weights_bytes
     weights = resident + (voice_prep if prepare_voice else 0)
     context = DEFAULT_CUDA_CONTEXT_BYTES if cuda_context_bytes is None else int(cuda_context_bytes)
@@ -359,6 +378,7 @@ def estimate_plan(
         "t3_workspace_bytes": t3_ws,
         "s3gen_workspace_bytes": s3_ws,
         "vocoder_parked_bytes": parked,
+        "take_turns": take_turns,
         "voice_prep_bytes": voice_prep,
         "voice_prep_counted": prepare_voice,
         "cuda_context_measured": cuda_context_bytes is not None,

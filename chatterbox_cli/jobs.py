@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     # These pull in torch and the models: imported when a run starts, so `chatterbox --help` stays fast.
     from chatterbox_cli.models.conds import Conditionals
     from chatterbox_cli.pipeline import SynthesisSettings
-    from chatterbox_cli.service import LoadedModel, LoadRequest
+    from chatterbox_cli.service import LoadRequest, ModelHolder
 
 SplitMode = Literal["lines", "paragraphs"]
 VOICE_SUFFIX = ".voice"
@@ -233,7 +233,7 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
 
     run = _Run()
     progress = Progress(enabled=not job.quiet and stderr_is_terminal())
-    holder = _HoldInterrupts()
+    interrupts = _HoldInterrupts()
 
     def notify(message: str) -> None:
         run.notes.append(message)
@@ -246,9 +246,9 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
         elif not job.quiet:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    with holder.installed(), progress:
+    with interrupts.installed(), progress:
         try:
-            return _Runner(job, run, progress, holder, notify, warn).execute(text, items, out_dir)
+            return _Runner(job, run, progress, interrupts, notify, warn).execute(text, items, out_dir)
         except KeyboardInterrupt:
             progress.close()
             raise Interrupted(_interrupted_message(job, run)) from None
@@ -279,11 +279,11 @@ class _Runner:
         job: SynthesizeJob,
         run: _Run,
         progress: Progress,
-        holder: _HoldInterrupts,
+        interrupts: _HoldInterrupts,
         notify: Callable[[str], None],
         warn: Callable[[str], None],
     ) -> None:
-        self.job, self.run, self.progress, self.holder = job, run, progress, holder
+        self.job, self.run, self.progress, self.interrupts = job, run, progress, interrupts
         self.notify, self.warn = notify, warn
         self.request: LoadRequest = job.load
         self.settings: SynthesisSettings = job.settings.with_seed()  # one seed for the run, OOM step-down too
@@ -293,7 +293,9 @@ class _Runner:
 
         job, run = self.job, self.run
         started = time.perf_counter()
-        self.model: LoadedModel = service.load(self.request, self.notify)
+        # The holder owns the model: a step-down on CUDA out-of-memory may replace it at any stage.
+        self.holder: ModelHolder = service.ModelHolder(self.request, self.notify)
+        self.holder.model  # noqa: B018  (loads it now, stepping down if it does not fit)
         run.load_s = time.perf_counter() - started
 
         # Text problems show before the voice is prepared.
@@ -321,14 +323,12 @@ class _Runner:
                     work.append((item, []))
 
         started = time.perf_counter()
-        self.conds: Conditionals = service.voice(
-            self.model, job.voice, self.settings.exaggeration, self.notify
-        )
+        self.conds: Conditionals = self.holder.voice(job.voice, self.settings.exaggeration)
         run.voice_s = time.perf_counter() - started
         if job.save_voice is not None:
             self.save_voice(job.save_voice)
         if any(chunks for _, chunks in work):
-            run.warm_up_s = service.warm_up(self.model, self.conds)
+            run.warm_up_s = self.holder.warm_up(self.conds)
 
         self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))
         run.synth_started = time.perf_counter()
@@ -352,7 +352,8 @@ class _Runner:
     def chunks_of(self, text: str) -> list[str]:
         from chatterbox_cli import pipeline
 
-        chunks, dropped = pipeline.prepare_chunks(self.model.tokenizer, text, self.settings.chunk_tokens)
+        tokenizer = self.holder.model.tokenizer
+        chunks, dropped = pipeline.prepare_chunks(tokenizer, text, self.settings.chunk_tokens)
         new = [c for c in dropped if c not in self.run.dropped]
         if new:
             self.run.dropped.extend(new)
@@ -369,7 +370,7 @@ class _Runner:
         values = job.settings.to_dict()
         values.update(
             model=job.load.model,
-            revision=job.load.revision or self.model.checkpoint.revision,
+            revision=job.load.revision or self.holder.checkpoint.revision,
             preset=job.load.preset,
             plan=job.load.plan,
             voice="builtin" if job.voice is None else _file_digest(job.voice),
@@ -381,9 +382,8 @@ class _Runner:
         self, sink: str | Path, chunks: list[str], settings: SynthesisSettings, item: BatchItem | None
     ) -> dict[str, object]:
         """Stream `chunks` into one WAV at `sink`; returns (and records in run.files) its entry."""
-        from chatterbox_cli import service
 
-        run, holder = self.run, self.holder
+        run, interrupts = self.run, self.interrupts
         pause = join_pause(SAMPLE_RATE, settings.pause_seconds)
         entry: dict[str, object] = {
             "path": str(sink) if item is None else str(Path(sink).parent / item.filename),
@@ -396,30 +396,30 @@ class _Runner:
         if item is not None:
             entry["text"] = item.text
         run.files.append(entry)
-        with holder.critical():
+        with interrupts.critical():
             writer = StreamingWavWriter(sink, SAMPLE_RATE, self.job.subtype)
         try:
             if not chunks:
-                with holder.critical():
+                with interrupts.critical():
                     writer.write(pause)
-            spoken = service.speak(self.model, self.request, chunks, self.conds, settings, self.notify)
+            spoken = self.holder.speak(chunks, self.conds, settings)
             done, continuing = 0, False  # continuing: the last piece was an early piece of this chunk
             for chunk in spoken:
                 first_piece = chunk.index > 0 and not continuing
                 audio = np.concatenate([pause, chunk.audio]) if first_piece else chunk.audio
                 continuing = not chunk.final
                 done += chunk.final
-                with holder.critical():
+                with interrupts.critical():  # the written audio and its account, never one without the other
                     writer.write(audio)
+                    run.audio_s += audio.shape[0] / SAMPLE_RATE
+                    entry.update(
+                        frames=writer.frames_written, duration_s=round(writer.seconds_written, 3), chunks=done
+                    )
                 if run.first_chunk_s is None:
                     run.first_chunk_s = time.perf_counter() - run.started
                     run.first_audio_s = time.perf_counter() - (run.synth_started or run.started)
                 run.t3_s += chunk.t3_s
                 run.s3gen_s += chunk.s3gen_s
-                run.audio_s += audio.shape[0] / SAMPLE_RATE
-                entry.update(
-                    frames=writer.frames_written, duration_s=round(writer.seconds_written, 3), chunks=done
-                )
                 characters = len(chunk.text) if chunk.final else None
                 self.progress.audio_done(audio.shape[0] / SAMPLE_RATE, characters)
         finally:
@@ -437,7 +437,7 @@ class _Runner:
             raise
         final = out_dir / item.filename
         manifest = Manifest(out_dir)
-        with self.holder.critical():
+        with self.interrupts.critical():
             try:
                 os.replace(part, final)
             except OSError as e:
@@ -450,8 +450,8 @@ class _Runner:
                         "frames": entry["frames"],
                         "duration": entry["duration_s"],
                         "chunks": entry["chunks"],
-                        "preset": self.model.preset,
-                        "device": str(self.model.device),
+                        "preset": self.holder.model.preset,
+                        "device": str(self.holder.model.device),
                         "seed": settings.seed,
                         "settings_hash": digest,
                     }
@@ -482,7 +482,7 @@ class _Runner:
         self.notify(f"saved the voice to {path}")
 
     def summary(self, digest: str | None, out_dir: Path | None) -> dict[str, object]:
-        job, run, model = self.job, self.run, self.model
+        job, run, model = self.job, self.run, self.holder.model
         now = time.perf_counter()
         synthesis_s = now - run.synth_started if run.synth_started is not None else 0.0
         made = [f for f in run.files if not f.get("skipped")]
@@ -493,6 +493,7 @@ class _Runner:
             "device": str(model.device),
             "dtype": str(model.dtype).removeprefix("torch."),
             "quant_cache": dict(model.quant_cache),  # component -> hit | miss | off (quantized ones only)
+            "step_downs": list(self.holder.step_downs),  # what running out of GPU memory changed
             "voice": job.voice or "builtin",
             "seed": self.settings.seed,
             "settings": self.settings.to_dict(),

@@ -49,6 +49,11 @@ class SpeechModel(Protocol):
     @property
     def dtype(self) -> torch.dtype: ...
 
+    @property
+    def flow_dtype(self) -> torch.dtype: ...
+
+    def use(self, part: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class SynthesisSettings:
@@ -228,7 +233,7 @@ def synthesize(
     sampling = settings.sampling()
     t3_cond = conds.t3.to(device)
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
-    gen_cond = conds.gen.to(device, model.dtype)
+    gen_cond = conds.gen.to(device, model.flow_dtype)
     text_limit = t3.config.text_positions
 
     def s3gen_generator(index: int) -> torch.Generator:  # S3Gen's noise, apart from T3's sampling
@@ -244,6 +249,7 @@ def synthesize(
                     f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's "
                     f"{text_limit}; cut the text into shorter sentences"
                 )
+        model.use("t3")  # its turn on the GPU, when T3 and S3Gen take turns (service.LoadedModel.use)
         seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
         started = time.perf_counter()
@@ -287,10 +293,12 @@ def synthesize(
                 started = time.perf_counter()
         decoding.run()
         speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
+        del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)
         counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
         t3_s = (time.perf_counter() - started) / len(group)
 
         started = time.perf_counter()
+        model.use("s3gen")
         voiced = [j for j, n in enumerate(counts) if n > 0]
         if device.type == "cuda" and len(voiced) > 1:
             # One padded flow call for the group (on the CPU row by row is faster: no padding work).

@@ -134,12 +134,16 @@ class QuantPlan:
 class Preset:
     name: str
     description: str
-    fidelity: int  # higher = closer to the 32-bit reference; the chooser tries high fidelity first
+    fidelity: int  # the chooser and the OOM step-down try higher first: closer to 32 bits, then faster
     modes: Mapping[Component, Mode] = field(default_factory=dict)
     unavailable_reason: str | None = None
     # HiFT (fp32, ~80 MB) waits in host memory while T3 decodes, so it does not add to T3's peak; it moves
     # to the GPU for each S3Gen call (a few ms). For the presets that exist to fit small cards.
     park_vocoder: bool = False
+    # T3 and S3Gen take turns on the GPU: whichever is not running waits in host memory, moved over PCIe at
+    # each group of chunks. GPU memory is then the larger of the two turns instead of their sum; the first
+    # chunk has no early piece (it would need both at once). The step below the all-resident presets.
+    take_turns: bool = False
 
     @property
     def available(self) -> bool:
@@ -173,6 +177,13 @@ PRESETS: dict[str, Preset] = {
             park_vocoder=True,
         ),
         Preset("awq", "T3 backbone 4-bit AWQ", 1, {"t3": "awq"}, unavailable_reason=_AWQ_REASON),
+        Preset(
+            "bnb-4bit-swap",
+            "as bnb-4bit, with T3 and S3Gen taking turns on the GPU (the idle one waits in host memory)",
+            0,
+            {"t3": "nf4", "flow": "int8"},
+            take_turns=True,
+        ),
     )
 }
 
@@ -201,6 +212,11 @@ def get_preset(name: str) -> Preset:
     if not preset.available:
         raise UsageError(f"preset {name!r} is not available: {preset.unavailable_reason}")
     return preset
+
+
+def preset_of(plan: QuantPlan) -> Preset | None:
+    """The preset a plan was made from (its name before any `+overrides`)."""
+    return PRESETS.get(plan.preset.partition("+")[0])
 
 
 def component_plan(component: Component, mode: Mode) -> ComponentPlan:

@@ -102,7 +102,9 @@ def cache_key(
     dtype: torch.dtype,
 ) -> CacheKey:
     """The key of the entry holding `layers` of `checkpoint_file`, quantized per `plan` on `device`."""
-    import bitsandbytes
+    from chatterbox_cli.bitsandbytes_quiet import import_bitsandbytes
+
+    bitsandbytes = import_bitsandbytes()
 
     fields: dict[str, object] = {
         "format": CACHE_FORMAT_VERSION,

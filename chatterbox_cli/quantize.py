@@ -62,9 +62,11 @@ def planned_layers(plans: Plans, linear_shapes: Mapping[str, tuple[int, int]]) -
 
 def require_bitsandbytes(device: torch.device | str) -> ModuleType:
     """Import bitsandbytes and prove it quantizes on `device`; QuantizationError (exit 1) otherwise."""
+    from chatterbox_cli.bitsandbytes_quiet import import_bitsandbytes
+
     device = torch.device(device)
     try:
-        import bitsandbytes as bnb
+        bnb = import_bitsandbytes()
     except ImportError as e:
         raise QuantizationError(
             f"bitsandbytes is not installed ({e}); install it with `pip install 'chatterbox-cli[quant]'` "
@@ -213,6 +215,23 @@ def quantized_linear_from_state(
     return layer.eval()
 
 
+def move_module(module: nn.Module, device: torch.device | str) -> None:
+    """`module.to(device)`, bitsandbytes int8 layers included: a Linear8bitLt keeps its int8 weight and row
+    scales in its matmul `state` as well (and on its weight before the first call), and only the layer's
+    own `.to` moves them, which a parent's `.to` does not call. They are pointed at the moved weight."""
+    device = torch.device(device)
+    module.to(device)
+    for layer in module.modules():
+        state, weight = getattr(layer, "state", None), getattr(layer, "weight", None)
+        if weight is None or not hasattr(state, "SCB"):
+            continue
+        for holder in (state, weight):
+            if getattr(holder, "CB", None) is not None:
+                holder.CB = weight.data  # the int8 weight itself: the same tensor before the move
+            if getattr(holder, "SCB", None) is not None:
+                holder.SCB = holder.SCB.to(device)
+
+
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
@@ -331,6 +350,11 @@ def _quant_state_tensors(qs: object) -> list[torch.Tensor]:
     return [t for t in out if isinstance(t, torch.Tensor)]
 
 
+def _on(tensor: torch.Tensor, device: torch.device) -> bool:
+    """Whether `tensor` is on `device` ("cuda" without an index: any GPU, "cuda:1": that one)."""
+    return tensor.device.type == device.type and device.index in (None, tensor.device.index)
+
+
 def verify_quantized(
     module: nn.Module, plans: Plans, device: torch.device | str | None = None, prefix: str = ""
 ) -> QuantReport:
@@ -339,8 +363,9 @@ def verify_quantized(
     QuantizationError listing every difference."""
     device = torch.device(device) if device is not None else None
     try:
-        import bitsandbytes as bnb
+        from chatterbox_cli.bitsandbytes_quiet import import_bitsandbytes
 
+        bnb = import_bitsandbytes()
         quant_types: tuple[type, ...] = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
         bnb, quant_types = None, ()
@@ -391,7 +416,7 @@ def verify_quantized(
                 )
                 continue
             tensors = [w, scb]
-        if device is not None and any(t.device.type != device.type for t in tensors):
+        if device is not None and any(not _on(t, device) for t in tensors):
             problems.append(f"{full}: quantized tensors on {w.device}, expected {device}")
         total += _storage_bytes(tensors, seen)
         expected += quantized_linear_nbytes(cp.mode, layer.out_features, layer.in_features)

@@ -1,21 +1,21 @@
 """The one model-loading service: probe → estimate → choose → load, and the OOM step-down.
 
 Every command goes through here: `probe-vram` and `estimate` call `decide` (no weights read),
-`synthesize` calls `load`, `voice` and `speak`. Each decision comes with a one-line reason that the CLI
-prints as it is.
+`synthesize` holds its model in a `ModelHolder` (load, voice, warm-up, speak, and the step-down on CUDA
+out-of-memory). Each decision comes with a one-line reason that the CLI prints as it is.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
+import json
 import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 # NVML numbers GPUs in PCI bus order; make CUDA agree before anything initialises it.
 os.environ.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -26,7 +26,7 @@ os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
 
 import torch  # noqa: E402
 
-from chatterbox_cli import estimate, presets, vram  # noqa: E402
+from chatterbox_cli import estimate, oom, presets, vram  # noqa: E402
 from chatterbox_cli.audio import fade_edges  # noqa: E402
 from chatterbox_cli.checkpoint import (  # noqa: E402
     DEFAULT_REPO,
@@ -90,6 +90,7 @@ class LoadedModel:
     load_seconds: float
     quant: dict[str, QuantReport] = field(default_factory=dict)
     quant_cache: dict[str, str] = field(default_factory=dict)  # component -> "hit" | "miss" | "off"
+    turn: str | None = None  # which part is on the GPU, when the model takes turns (see `use`)
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +103,31 @@ class LoadedModel:
     @property
     def preset(self) -> str:
         return self.decision.preset
+
+    @property
+    def flow_dtype(self) -> torch.dtype:
+        return flow_dtype(self.decision)
+
+    @property
+    def takes_turns(self) -> bool:
+        """T3 and S3Gen take turns on the GPU (presets.Preset.take_turns); see `use`."""
+        preset = presets.PRESETS.get(self.preset)
+        return preset is not None and preset.take_turns and self.device.type == "cuda"
+
+    def use(self, part: str) -> None:
+        """Give `part` ("t3" or "s3gen") its turn on the GPU, the other waiting in host memory, when the
+        model takes turns; otherwise both stay where they are."""
+        if not self.takes_turns or self.turn == part:
+            return
+        from chatterbox_cli.quantize import move_module
+
+        idle, busy = (self.s3gen, self.t3) if part == "t3" else (self.t3, self.s3gen)
+        move_module(idle, "cpu")  # out first: the GPU never holds both
+        # The idle part's blocks go back to the driver: cached, they would rarely fit the other part's
+        # tensors, and the process would hold both turns' worth of memory.
+        torch.cuda.empty_cache()
+        move_module(busy, self.device)
+        self.turn = part
 
     @functools.cached_property
     def t3_shape(self) -> estimate.T3Shape:
@@ -146,7 +172,7 @@ def _overrides(request: LoadRequest) -> dict[str, str] | None:
 
 
 def _estimate(
-    request: LoadRequest, checkpoint: Checkpoint, preset: str, free: int | None
+    request: LoadRequest, checkpoint: Checkpoint, preset: str, free: int | None, context: int | None = None
 ) -> estimate.EstimateReport:
     return estimate.estimate(
         checkpoint.folder,
@@ -155,6 +181,7 @@ def _estimate(
         batch=max(1, request.batch),  # auto batch (0) adapts to what is left after loading
         cfg_weight=request.cfg_weight,
         free_bytes=free,
+        cuda_context_bytes=context,
         overrides=_overrides(request),
     )
 
@@ -179,10 +206,18 @@ def decide(request: LoadRequest, checkpoint: Checkpoint | None = None) -> Decisi
             device, request.preset, dtype, f"{why}: running {request.preset} on the CPU", None, report
         )
 
-    free = vram.free_bytes(device.index or 0)
+    index = device.index or 0
+    initialized = torch.cuda.is_initialized()
+    free = vram.free_bytes(index)
+    # The CUDA context is measured (it is 0.3-0.8 GB, by GPU and driver): CUDA starts here, not at loading.
+    context = estimate.measure_cuda_context_bytes(index)
+    if initialized and free is not None and context is not None:
+        free += context  # NVML's free memory already lacks this process's context; the estimate counts it
+    if context is not None:
+        context += estimate.CUDA_LIBRARIES_BYTES
     dtype = presets.sixteen_bit_dtype(device)
     if forced:
-        report = _estimate(request, checkpoint, request.preset, free)
+        report = _estimate(request, checkpoint, request.preset, free, context)
         est = report.presets[request.preset]
         if est.fits is False:
             reason = (
@@ -199,25 +234,26 @@ def decide(request: LoadRequest, checkpoint: Checkpoint | None = None) -> Decisi
         smallest = presets.preset_names()[-1]
         reason = f"NVML cannot read free memory on {device}; using the smallest preset, {smallest}"
         return Decision(device, smallest, dtype, reason, None, report)
-    chosen, reason, report = auto_pick(request, checkpoint, free)
+    chosen, reason, report = auto_pick(request, checkpoint, free, context)
     if chosen == CPU_PRESET:
         return Decision(torch.device("cpu"), CPU_PRESET, torch.float32, reason, free, report)
     return Decision(device, chosen, dtype, reason, free, report)
 
 
 def auto_pick(
-    request: LoadRequest, checkpoint: Checkpoint, free: int
+    request: LoadRequest, checkpoint: Checkpoint, free: int, context: int | None = None
 ) -> tuple[str, str, estimate.EstimateReport]:
     """What `--preset auto` picks on a GPU with `free` bytes free: a preset, or CPU_PRESET when none fits
-    (then synthesis runs on the CPU), with its one-line reason and the estimates. Reads no weights."""
-    report = _estimate(request, checkpoint, "all", free)
+    (then synthesis runs on the CPU), with its one-line reason and the estimates. `context`: the measured
+    CUDA context (None: the estimate's default). Reads no weights."""
+    report = _estimate(request, checkpoint, "all", free, context)
     if report.chosen is None:
         return CPU_PRESET, f"{report.reason}: running on the CPU", report
     return report.chosen, report.reason, report
 
 
 def next_preset(preset: str) -> str | None:
-    """The next lower-fidelity preset, for the OOM step-down; None when there is none."""
+    """The next preset down (less memory), for the OOM step-down; None when there is none."""
     names = presets.preset_names()
     if preset not in names:
         return None
@@ -226,6 +262,12 @@ def next_preset(preset: str) -> str | None:
 
 
 # --- loading ---------------------------------------------------------------------------------------------
+
+
+def flow_dtype(decision: Decision) -> torch.dtype:
+    """The S3Gen flow's dtype: fp16 on a GPU (whatever T3 uses: its mel is 5x closer to fp32 than bf16's,
+    0.65 % against 3.1 % relative error on the H100), the checkpoint's fp32 on the CPU."""
+    return torch.float16 if decision.dtype != torch.float32 else torch.float32
 
 
 def _load_t3(
@@ -256,9 +298,9 @@ def _load_s3gen(
     from chatterbox_cli.models.s3gen import S3Gen
 
     cache = None
-    dtype = flow_dtype(decision)
+    device, dtype = decision.device, flow_dtype(decision)
     if plan is None or not plan["flow"].quantized:
-        s3gen = S3Gen.load(path, decision.device, dtype)
+        s3gen = S3Gen.load(path, device, dtype)
         report = None
     else:
         from chatterbox_cli.quant_cache import quantize_module_cached
@@ -268,28 +310,15 @@ def _load_s3gen(
         # (or taken from the cache: S3Gen.load still reads their float weights, but nothing is quantized).
         s3gen = S3Gen.load(path, "cpu", dtype)
         cache = quantize_module_cached(
-            s3gen.flow,
-            path,
-            plan["flow"],
-            decision.device,
-            dtype,
-            "flow.",
-            use_cache=use_cache,
-            notify=notify,
+            s3gen.flow, path, plan["flow"], device, dtype, "flow.", use_cache=use_cache, notify=notify
         ).cache
-        s3gen.to(decision.device)
-        report = verify_quantized(s3gen.flow, [plan["flow"]], decision.device, prefix="flow.")
+        s3gen.to(device)
+        report = verify_quantized(s3gen.flow, [plan["flow"]], device, prefix="flow.")
     s3gen.mel2wav.float()  # HiFT stays fp32: in 16 bits its waveform is off by 33-71 % (benchmarks/speed.py)
     preset = presets.PRESETS.get(decision.preset)
-    if preset is not None and preset.park_vocoder and decision.device.type == "cuda":
-        s3gen.park_vocoder(decision.device)
+    if preset is not None and preset.park_vocoder and device.type == "cuda":
+        s3gen.park_vocoder(device)
     return s3gen, report, cache
-
-
-def flow_dtype(decision: Decision) -> torch.dtype:
-    """The S3Gen flow's dtype: fp16 on a GPU (whatever T3 uses: its mel is 5x closer to fp32 than bf16's,
-    0.65 % against 3.1 % relative error on the H100), the checkpoint's fp32 on the CPU."""
-    return torch.float16 if decision.dtype != torch.float32 else torch.float32
 
 
 def load_decided(
@@ -301,11 +330,16 @@ def load_decided(
     start = time.perf_counter()
     plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
     use_cache = request.quant_cache
-    t3, t3_report, t3_cache = _load_t3(
-        checkpoint.path("t3_cfg.safetensors"), decision, plan, use_cache, notify
-    )
     s3gen, flow_report, flow_cache = _load_s3gen(
         checkpoint.path("s3gen.safetensors"), decision, plan, use_cache, notify
+    )
+    preset = presets.PRESETS.get(decision.preset)
+    if preset is not None and preset.take_turns and decision.device.type == "cuda":
+        from chatterbox_cli.quantize import move_module
+
+        move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
+    t3, t3_report, t3_cache = _load_t3(
+        checkpoint.path("t3_cfg.safetensors"), decision, plan, use_cache, notify
     )
     tokenizer = EnTokenizer(checkpoint.path("tokenizer.json"))
     conds_path = checkpoint.path("conds.pt")
@@ -320,45 +354,11 @@ def load_decided(
 
 
 def load(request: LoadRequest, notify: Notify = _quiet) -> LoadedModel:
-    """Resolve the checkpoint, decide, load; step down on CUDA OOM during load unless told not to."""
-    checkpoint = resolve(request)
-    decision = decide(request, checkpoint)
-    notify(decision.reason)
-    while True:
-        try:
-            return load_decided(checkpoint, decision, request, notify)
-        except torch.cuda.OutOfMemoryError as e:
-            decision = _step_down(decision, request, e, "loading", notify)
+    """Resolve the checkpoint, decide and load, stepping down on CUDA out-of-memory (see ModelHolder)."""
+    return ModelHolder(request, notify).model
 
 
-def _step_down(
-    decision: Decision, request: LoadRequest, error: BaseException, when: str, notify: Notify
-) -> Decision:
-    _free_cuda()
-    lower = next_preset(decision.preset)
-    if not request.fallback or lower is None:
-        hint = "try --preset bnb-4bit, a shorter --max-tokens, or --device cpu"
-        if not request.fallback:
-            hint += ", or drop --no-fallback to step down automatically"
-        raise OutOfMemoryError(f"out of GPU memory {when} with preset {decision.preset}; {hint}") from error
-    notify(f"out of GPU memory {when} with {decision.preset}; stepping down to {lower}")
-    return Decision(
-        decision.device,
-        lower,
-        decision.dtype,
-        f"stepped down to {lower} after OOM",
-        decision.free_bytes,
-        None,
-    )
-
-
-def _free_cuda() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-# --- voices and speech -----------------------------------------------------------------------------------
+# --- voices --------------------------------------------------------------------------------------------
 
 
 def _model_key(checkpoint: Checkpoint) -> str:
@@ -373,11 +373,16 @@ def _model_key(checkpoint: Checkpoint) -> str:
 
 
 def voice(
-    model: LoadedModel, source: str | None, exaggeration: float, notify: Notify = _quiet
+    model: LoadedModel,
+    source: str | None,
+    exaggeration: float,
+    notify: Notify = _quiet,
+    device: torch.device | None = None,
 ) -> Conditionals:
-    """Conditionals for `source`: None → the checkpoint's built-in voice; `*.voice` → a saved voice file;
-    anything else → an audio clip, prepared once and cached by content. Voice-preparation parts are loaded
-    for the clip and freed right after."""
+    """Conditionals for `source`, on the CPU in fp32 (the pipeline moves them to the model): None → the
+    checkpoint's built-in voice; `*.voice` → a saved voice file; anything else → an audio clip, prepared
+    once (on `device`, default the model's) and cached by content. Voice-preparation parts are loaded for
+    the clip and freed right after."""
     from chatterbox_cli.models.conds import Conditionals, T3Cond, load_voice
 
     if source is None:
@@ -389,32 +394,15 @@ def voice(
     elif source.endswith(".voice"):
         conds, _ = load_voice(Path(source))
     else:
-        conds = _voice_from_clip(model, Path(source), exaggeration, notify)
+        conds = _voice_from_clip(model, Path(source), exaggeration, notify, device or model.device)
     emotion = torch.full_like(conds.t3.emotion_adv, float(exaggeration))
     conds = Conditionals(T3Cond(conds.t3.speaker_emb, conds.t3.cond_prompt_speech_tokens, emotion), conds.gen)
-    return conds.to(model.device, model.dtype)
+    return conds.to("cpu", torch.float32)
 
 
-def warm_up(model: LoadedModel, conds: Conditionals) -> float:
-    """On a GPU, run T3 and S3Gen once at the shapes of a first chunk's early piece, so the first audio of
-    a run does not wait for one-time work (kernel selection, attention plans, allocator growth). Returns
-    the seconds it took (0 on the CPU, where there is nothing to gain)."""
-    from chatterbox_cli import pipeline
-    from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE
-
-    if model.device.type != "cuda":
-        return 0.0
-    started = time.perf_counter()
-    n, generator = pipeline.EARLY_TOKENS, torch.Generator(model.device).manual_seed(0)
-    text = model.tokenizer.text_to_tokens("Warming up.")
-    model.t3.generate(text, conds.t3, max_new_tokens=n, generator=generator, ignore_stop=True)
-    tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
-    model.s3gen.synthesize(tokens, conds.gen, generator=generator, keep_graph=True)
-    torch.cuda.synchronize(model.device)
-    return time.perf_counter() - started
-
-
-def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify: Notify) -> Conditionals:
+def _voice_from_clip(
+    model: LoadedModel, clip: Path, exaggeration: float, notify: Notify, device: torch.device
+) -> Conditionals:
     from chatterbox_cli.models.conds import load_voice
     from chatterbox_cli.models.s3gen import S3Gen
     from chatterbox_cli.models.s3gen.s3gen import VOICE_PARTS
@@ -431,19 +419,41 @@ def _voice_from_clip(model: LoadedModel, clip: Path, exaggeration: float, notify
         except ChatterboxError as e:
             notify(f"the cached voice {cached} is damaged ({e}); preparing it again")
     notify(f"preparing the voice from {clip.name} (cached for next time)")
-    # Preparation runs in fp32: it happens once per clip and its outputs are cached.
-    ve = load_voice_encoder(model.checkpoint.path("ve.safetensors"), model.device, torch.float32)
-    prep = S3Gen.load(
-        model.checkpoint.path("s3gen.safetensors"), model.device, torch.float32, parts=VOICE_PARTS
-    )
-    try:
-        prepared = voice_from_clip(clip, ve, prep, exaggeration=exaggeration, model_key=key)
-    finally:
-        del ve, prep
-        _free_cuda()
+    # Preparation runs in fp32: it happens once per clip and its outputs are cached. Its parts are
+    # dropped when this frame ends, also when it ends in an error (the caller then releases their memory).
+    ve = load_voice_encoder(model.checkpoint.path("ve.safetensors"), device, torch.float32)
+    prep = S3Gen.load(model.checkpoint.path("s3gen.safetensors"), device, torch.float32, parts=VOICE_PARTS)
+    prepared = voice_from_clip(clip, ve, prep, exaggeration=exaggeration, model_key=key)
+    del ve, prep
+    oom.release_cuda()
     for note in prepared.notes:
         notify(note)
     return prepared.conds
+
+
+# --- speech ----------------------------------------------------------------------------------------------
+
+
+def warm_up(model: LoadedModel, conds: Conditionals) -> float:
+    """On a GPU, run T3 and S3Gen once at the shapes of a first chunk's early piece, so the first audio of
+    a run does not wait for one-time work (kernel selection, attention plans, allocator growth). Returns
+    the seconds it took (0 on the CPU, where there is nothing to gain)."""
+    from chatterbox_cli import pipeline
+    from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE
+
+    if model.device.type != "cuda":
+        return 0.0
+    started = time.perf_counter()
+    n, generator = pipeline.EARLY_TOKENS, torch.Generator(model.device).manual_seed(0)
+    text = model.tokenizer.text_to_tokens("Warming up.")
+    model.use("t3")
+    model.t3.generate(text, conds.t3, max_new_tokens=n, generator=generator, ignore_stop=True)
+    model.use("s3gen")
+    tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
+    gen = conds.gen.to(model.device, model.flow_dtype)
+    model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=not model.takes_turns)
+    torch.cuda.synchronize(model.device)
+    return time.perf_counter() - started
 
 
 # decode steps are launch-bound: 64 chunks (128 rows) decode at ~25x the tokens/s of one
@@ -464,12 +474,22 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     text = estimate.TEXT_TOKENS_DEFAULT
     per_chunk = estimate.kv_cache_bytes(shape, max_tokens, 1, cfg, text)
     per_chunk += estimate.t3_workspace_bytes(shape, max_tokens, 1, cfg, text)
+    model.use("t3")  # what is free during T3's turn, when the model takes turns
     free, _ = torch.cuda.mem_get_info(model.device)
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     room = free * (1 - estimate.MARGIN_FRACTION)
     size = min(AUTO_BATCH_LIMIT, wanted)
-    # S3Gen renders a whole group at once: its workspace grows with the group too
-    while size > 1 and size * per_chunk + estimate.s3gen_workspace_bytes(max_tokens, size, cfg) > room:
+
+    def fits(n: int) -> bool:
+        # S3Gen renders a whole group at once: its workspace grows with the group too. Taking turns, it has
+        # the GPU without T3 and the KV caches; otherwise it comes on top of them.
+        s3gen = estimate.s3gen_workspace_bytes(max_tokens, n, cfg)
+        if model.takes_turns:
+            swapped = _storage_bytes(model.t3) - _storage_bytes(model.s3gen)
+            return n * per_chunk <= room and s3gen <= room + swapped
+        return n * per_chunk + s3gen <= room
+
+    while size > 1 and not fits(size):
         size -= 1
     return size, (
         f"batch {size}: {free / 2**30:.1f} GiB free after loading, "
@@ -477,54 +497,193 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     )
 
 
-def speak(
-    model: LoadedModel,
-    request: LoadRequest,
-    chunks: list[str],
-    conds: Conditionals,
-    settings: SynthesisSettings,
-    notify: Notify = _quiet,
-) -> Iterator[AudioChunk]:
-    """Audio for each chunk, in order, as it is made. On CUDA OOM a batch of chunks is halved first; at
-    batch 1 the model is reloaded one preset lower (in place: `model` afterwards is the stepped-down one).
-    Either way synthesis continues from the failed chunk, with the same audio (seeds are per chunk)."""
-    from chatterbox_cli import pipeline
+def _storage_bytes(module: torch.nn.Module) -> int:
+    return sum(t.untyped_storage().nbytes() for t in (*module.parameters(), *module.buffers()))
 
-    done = 0
-    written = 0  # samples of chunk `done` already yielded as an early piece
-    cap: int | None = None  # batch size that last ran out of memory, halved
-    while done < len(chunks):
-        size, why = batch_size(model, request, len(chunks) - done)
-        if cap is not None and size > cap:
-            size, why = cap, f"batch {cap} after running out of memory with {2 * cap}"
-        if size > 1:
-            notify(why)
-        # On a GPU the first chunk's first words are rendered while T3 goes on (see pipeline.synthesize);
-        # on the CPU that extra rendering would cost more than it brings forward.
-        early = pipeline.EARLY_TOKENS if model.device.type == "cuda" and done == 0 and not written else 0
-        try:
-            for chunk in pipeline.synthesize(
-                model, chunks[done:], conds, settings, first_index=done, batch_size=size, early_tokens=early
-            ):
-                if not chunk.final:
-                    written += chunk.audio.shape[0]
-                    yield chunk
-                    continue
-                if written and chunk.index == done and early == 0:  # remade after an OOM: skip what was said
-                    audio = fade_edges(chunk.audio[written:], pipeline.SAMPLE_RATE, end=False)
-                    chunk = dataclasses.replace(chunk, audio=audio)
-                done += 1
-                written = 0
-                yield chunk
-        except torch.cuda.OutOfMemoryError as e:
+
+def trace_memory(model: LoadedModel, chunk: int) -> None:
+    """With CHATTERBOX_MEMORY_TRACE=FILE, append this process's GPU memory after chunk `chunk` (1-based) to
+    FILE as a JSON line: what benchmarks/small_card.py reads to see whether memory grows with the chunks."""
+    path = os.environ.get("CHATTERBOX_MEMORY_TRACE")
+    if not path or model.device.type != "cuda":
+        return
+    index = model.device.index or 0
+    record = {
+        "chunk": chunk,
+        "time": time.time(),
+        "preset": model.preset,
+        "allocated_bytes": torch.cuda.memory_allocated(index),
+        "reserved_bytes": torch.cuda.memory_reserved(index),
+        "nvml_process_bytes": estimate.nvml_process_bytes(index, os.getpid()),
+    }
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+T = TypeVar("T")
+VOICE_STAGE = "preparing the voice"
+
+
+class ModelHolder:
+    """One run's model, and the one place where running out of GPU memory is handled.
+
+    Everything that touches the GPU goes through here: loading, voice preparation, warm-up, speaking.
+    On CUDA out-of-memory anywhere, what the failed attempt held is dropped and returned to the driver
+    first, then the holder steps down, in this order: a smaller batch; voice preparation on the CPU; the
+    next preset down (presets.preset_names: fp16, bnb-8bit, bnb-4bit, then S3Gen on the CPU); with
+    `--device auto`, the CPU. Speaking continues from the chunk that failed, with the same seeds. A forced
+    `--preset`, a forced device at its last preset, or `--no-fallback` end in OutOfMemoryError (exit 4)
+    with advice that names only what has not been tried.
+    """
+
+    def __init__(
+        self, request: LoadRequest, notify: Notify = _quiet, decision: Decision | None = None
+    ) -> None:
+        self.request = request
+        self.notify = notify
+        self.checkpoint = resolve(request)
+        self.decision = decision or decide(request, self.checkpoint)
+        notify(self.decision.reason)
+        self._model: LoadedModel | None = None
+        self.voice_device: torch.device | None = None  # where clips are prepared; None: the model's device
+        self.batch_cap: int | None = None  # the largest batch that may run, after one ran out of memory
+        self.step_downs: list[str] = []  # what each step-down did, in order
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model, loading it (with step-down) when there is none yet or a step-down dropped it."""
+        if self._model is None:
+            self._model = self._attempt(
+                "loading", lambda: load_decided(self.checkpoint, self.decision, self.request, self.notify)
+            )
+        return self._model
+
+    def voice(self, source: str | None, exaggeration: float) -> Conditionals:
+        return self._attempt(
+            VOICE_STAGE,
+            lambda: voice(self.model, source, exaggeration, self.notify, self.voice_device),
+        )
+
+    def warm_up(self, conds: Conditionals) -> float:
+        return self._attempt("warming up", lambda: warm_up(self.model, conds))
+
+    def _attempt(self, stage: str, work: Callable[[], T]) -> T:
+        while True:
+            try:
+                return work()
+            except Exception as e:
+                if not oom.is_out_of_memory(e):
+                    raise
+                error = oom.forget_frames(e)
+            # out of the except block: the failed attempt's frames, and so its tensors, are gone now
+            self._recover(stage, error)
+
+    def _recover(self, stage: str, error: BaseException) -> None:
+        """Step down after `error` (CUDA out-of-memory) at `stage`; raise OutOfMemoryError if there is no
+        step left that the request allows."""
+        model = self._model
+        on_gpu = model is not None and model.device.type == "cuda"
+        if stage == VOICE_STAGE and on_gpu and self.voice_device is None:
+            oom.release_cuda()
+            self.voice_device = torch.device("cpu")
+            self._say("out of GPU memory preparing the voice; preparing it on the CPU instead")
+            return
+        self._model = model = None
+        oom.release_cuda()
+        lower = self._lower_decision()
+        if lower is None:
+            raise OutOfMemoryError(self._advice(stage)) from error
+        where = "on the CPU" if lower.preset == CPU_PRESET else f"with {lower.preset}"
+        self._say(f"out of GPU memory {stage} with {self.decision.preset}; continuing {where}")
+        self.decision = lower
+
+    def _say(self, message: str) -> None:
+        self.step_downs.append(message)
+        self.notify(message)
+
+    def _lower_decision(self) -> Decision | None:
+        """The next step down that the request allows, or None."""
+        request, current = self.request, self.decision
+        if not request.fallback or request.preset != "auto" or current.preset == CPU_PRESET:
+            return None
+        lower = next_preset(current.preset)
+        if lower is not None:
+            reason = f"stepped down to {lower} after running out of GPU memory"
+            return Decision(current.device, lower, current.dtype, reason, current.free_bytes, None)
+        if request.device != "auto":
+            return None
+        reason = "running on the CPU: no preset fits in the GPU memory that is free"
+        return Decision(torch.device("cpu"), CPU_PRESET, torch.float32, reason, current.free_bytes, None)
+
+    def _advice(self, stage: str) -> str:
+        """Why the run stops, naming only steps that have not been tried."""
+        request, preset = self.request, self.decision.preset
+        names = presets.preset_names()
+        lower = names[names.index(preset) + 1 :] if preset in names else []
+        if request.preset != "auto":
+            auto = "--preset auto" + ("" if request.fallback else " without --no-fallback")
+            tries = [f"--preset {p}" for p in lower] + [f"{auto} (it steps down by itself)"]
+            fix = "try " + ", ".join(tries) + ", a shorter --max-tokens, or --device cpu"
+        elif not request.fallback:
+            nxt = lower[0] if lower else "the CPU" if request.device == "auto" else None
+            fix = "drop --no-fallback to step down by itself" + (f" (next: {nxt})" if nxt else "")
+            if nxt is None:
+                fix = f"{preset} is the smallest GPU preset; free GPU memory, or use --device cpu"
+        else:
+            fix = f"{preset} is the smallest GPU preset; free GPU memory, or use --device auto or cpu"
+        return f"out of GPU memory {stage} with preset {preset}; {fix}"
+
+    def speak(
+        self, chunks: list[str], conds: Conditionals, settings: SynthesisSettings
+    ) -> Iterator[AudioChunk]:
+        """Audio for each chunk, in order, as it is made. On CUDA out-of-memory a batch of chunks is halved
+        first, then the holder steps down (see the class); either way synthesis goes on from the chunk that
+        failed, with the same seeds, and samples of it already yielded (an early piece) are not repeated."""
+        from chatterbox_cli import pipeline
+
+        done = 0
+        written = 0  # samples of chunk `done` already yielded as an early piece
+        while done < len(chunks):
+            model = self.model
+            size, why = batch_size(model, self.request, len(chunks) - done)
+            if self.batch_cap is not None and size > self.batch_cap:
+                size, why = self.batch_cap, f"batch {self.batch_cap} after running out of memory"
             if size > 1:
-                cap = size // 2
-                notify(f"out of GPU memory decoding {size} chunks at once at chunk {done + 1}; trying {cap}")
-                _free_cuda()
+                self.notify(why)
+            # On a GPU the first chunk's first words are rendered while T3 goes on (see pipeline.synthesize);
+            # on the CPU that extra rendering would cost more than it brings forward.
+            first = done == 0 and not written
+            early_ok = model.device.type == "cuda" and not model.takes_turns  # T3 and S3Gen both on the GPU
+            early = pipeline.EARLY_TOKENS if early_ok and first else 0
+            pieces = pipeline.synthesize(
+                model, chunks[done:], conds, settings, first_index=done, batch_size=size, early_tokens=early
+            )
+            del model  # a step-down must be able to free it
+            try:
+                for chunk in pieces:
+                    if not chunk.final:
+                        written += chunk.audio.shape[0]
+                        yield chunk
+                        continue
+                    if written and chunk.index == done and early == 0:  # remade after an OOM: skip the said
+                        audio = fade_edges(chunk.audio[written:], pipeline.SAMPLE_RATE, end=False)
+                        chunk = dataclasses.replace(chunk, audio=audio)
+                    done += 1
+                    written = 0
+                    yield chunk
+                    if self._model is not None:
+                        trace_memory(self._model, done)
                 continue
-            decision = _step_down(model.decision, request, e, f"at chunk {done + 1}", notify)
-            model.t3 = model.s3gen = None  # type: ignore[assignment]
-            _free_cuda()
-            fresh = load_decided(model.checkpoint, decision, request, notify)
-            model.__dict__.update(fresh.__dict__)
-            conds = conds.to(model.device, model.dtype)
+            except Exception as e:
+                if not oom.is_out_of_memory(e):
+                    raise
+                error = oom.forget_frames(e)
+            pieces.close()
+            del pieces
+            if size > 1:
+                self.batch_cap = size // 2
+                oom.release_cuda()
+                at = f"at chunk {done + 1}; trying {self.batch_cap}"
+                self._say(f"out of GPU memory decoding {size} chunks at once {at}")
+                continue
+            self._recover(f"at chunk {done + 1}", error)

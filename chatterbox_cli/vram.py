@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from types import ModuleType
 from typing import Any
 
+from chatterbox_cli.bitsandbytes_quiet import import_bitsandbytes
 from chatterbox_cli.errors import ChatterboxError
 
 SCHEMA_VERSION = 1
@@ -139,7 +140,7 @@ def _check_bitsandbytes(report: VramReport) -> None:
         return
     try:
         with _stdout_to_stderr():
-            bnb = importlib.import_module("bitsandbytes")
+            bnb = import_bitsandbytes()
     except Exception as e:  # noqa: BLE001 - any import failure is the answer we report, with its text
         report.bitsandbytes_error = f"installed but fails to import: {type(e).__name__}: {e}"
         return

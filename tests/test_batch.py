@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from chatterbox_cli.audio import Subtype
 from chatterbox_cli.batch import (
     MANIFEST_NAME,
     BatchItem,
@@ -21,6 +23,10 @@ from chatterbox_cli.batch import (
     settings_hash,
 )
 from chatterbox_cli.cli import run
+from chatterbox_cli.jobs import SynthesizeJob, _HoldInterrupts, _Run, _Runner
+from chatterbox_cli.pipeline import SynthesisSettings
+from chatterbox_cli.progress import Progress
+from chatterbox_cli.service import LoadRequest
 
 FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2")
 LINES = "First line to speak.\nSecond line, a little longer.\n\n   \nThird and last line.\n"
@@ -193,3 +199,123 @@ def test_an_item_with_nothing_speakable_becomes_silence(
     assert code == 0 and "item 2 (0002.wav)" in err and "writing silence" in err
     data, _ = sf.read(str(out / "0002.wav"))
     assert data.shape == (4800,) and not data.any()
+
+
+# --------------------------------------------------------------------------------------------------
+# The settings hash covers everything that changes an item's audio or file
+
+
+def _clip(path: Path, hz: float = 140.0) -> Path:
+    """A 4 s voiced-sounding clip (a tone with harmonics, amplitude-modulated)."""
+    t = np.arange(4 * 16_000) / 16_000
+    tone = sum(np.sin(2 * np.pi * hz * k * t) / k for k in range(1, 6))
+    sf.write(path, (0.25 * tone * (0.6 + 0.4 * np.sin(2 * np.pi * 4 * t))).astype(np.float32), 16_000)
+    return path
+
+
+def _ignore(message: str) -> None:
+    pass
+
+
+def _job_hash(
+    out: Path,
+    settings: SynthesisSettings | None = None,
+    voice: Path | None = None,
+    subtype: Subtype = "PCM_16",
+    **load: object,
+) -> str:
+    """The settings hash a batch run of this job would record (no model needed: the revision is given)."""
+    request = LoadRequest(**{"model": "some/model", "revision": "rev1", **load})  # type: ignore[arg-type]
+    job = SynthesizeJob(
+        text="One.\nTwo.",
+        input_file=None,
+        output=None,
+        output_dir=str(out),
+        split="lines",
+        settings=settings or SynthesisSettings(seed=3),
+        load=request,
+        voice=None if voice is None else str(voice),
+        subtype=subtype,
+    )
+    runner = _Runner(job, _Run(), Progress(enabled=False), _HoldInterrupts(), _ignore, _ignore)
+    return settings_hash(runner.hash_inputs())
+
+
+# One changed value per SynthesisSettings field (base: the defaults with seed 3).
+SETTING_CHANGES: dict[str, object] = {
+    "exaggeration": 0.7,
+    "cfg_weight": 0.3,
+    "temperature": 0.7,
+    "top_p": 0.9,
+    "min_p": 0.1,
+    "repetition_penalty": 1.3,
+    "seed": 4,
+    "flow_steps": 5,
+    "max_tokens": 500,
+    "pause_seconds": 0.3,
+    "chunk_tokens": 40,
+}
+
+
+def test_every_synthesis_setting_has_a_hash_case() -> None:
+    assert set(SETTING_CHANGES) == {f.name for f in dataclasses.fields(SynthesisSettings)}
+
+
+def test_the_same_job_hashes_the_same(tmp_path: Path) -> None:
+    clip = _clip(tmp_path / "me.wav")
+    assert _job_hash(tmp_path, voice=clip) == _job_hash(tmp_path, voice=clip)
+    # without --seed, the run's own random seed is left out
+    unseeded = SynthesisSettings(seed=None)
+    assert _job_hash(tmp_path, unseeded) == _job_hash(tmp_path, unseeded) != _job_hash(tmp_path)
+
+
+@pytest.mark.parametrize(("name", "value"), SETTING_CHANGES.items(), ids=list(SETTING_CHANGES))
+def test_each_synthesis_setting_changes_the_hash(tmp_path: Path, name: str, value: object) -> None:
+    changed = dataclasses.replace(SynthesisSettings(seed=3), **{name: value})
+    assert _job_hash(tmp_path, changed) != _job_hash(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("model", "other/model"), ("revision", "rev2"), ("preset", "bnb-4bit"), ("plan", "t3=nf4")],
+)
+def test_each_load_setting_changes_the_hash(tmp_path: Path, name: str, value: str) -> None:
+    assert _job_hash(tmp_path, **{name: value}) != _job_hash(tmp_path)
+
+
+def test_subtype_changes_the_hash(tmp_path: Path) -> None:
+    assert _job_hash(tmp_path, subtype="FLOAT") != _job_hash(tmp_path, subtype="PCM_16")
+
+
+def test_the_voice_is_hashed_by_content(tmp_path: Path) -> None:
+    a, b = _clip(tmp_path / "a.wav", 140.0), _clip(tmp_path / "b.wav", 180.0)
+    builtin, with_a = _job_hash(tmp_path), _job_hash(tmp_path, voice=a)
+    assert len({builtin, with_a, _job_hash(tmp_path, voice=b)}) == 3
+    # the same clip under another name counts as the same voice
+    copy = tmp_path / "elsewhere.wav"
+    copy.write_bytes(a.read_bytes())
+    assert _job_hash(tmp_path, voice=copy) == with_a
+    # a clip changed in place (same path) is another voice
+    _clip(a, 200.0)
+    assert _job_hash(tmp_path, voice=a) != with_a
+
+
+def test_a_rerun_with_another_voice_redoes_the_items(
+    batch: Callable[..., tuple[int, dict, str]], tmp_path: Path
+) -> None:
+    # (pitches no other test uses: prepared voices are cached by content for the whole session)
+    out, clip = tmp_path / "out", _clip(tmp_path / "voice.wav", 151.0)
+    other = _clip(tmp_path / "other.wav", 193.0)
+
+    def items(voice: Path) -> dict:
+        code, doc, err = batch("One.\nTwo.", "--output-dir", str(out), "--voice", str(voice), "--seed", "2")
+        assert code == 0, err
+        return doc["items"]
+
+    assert items(clip) == {"total": 2, "made": 2, "skipped": 0}
+    first = (out / "0001.wav").read_bytes()
+    assert items(clip) == {"total": 2, "made": 0, "skipped": 2}
+    assert items(other) == {"total": 2, "made": 2, "skipped": 0}
+    assert (out / "0001.wav").read_bytes() != first  # the other voice's audio replaced the old one
+    _clip(other, 233.0)  # the same path, a changed clip
+    assert items(other) == {"total": 2, "made": 2, "skipped": 0}

@@ -218,8 +218,8 @@ def test_gpus_with_different_free_memory_pick_different_presets(
 ) -> None:
     totals = {k: v["total_bytes"] for k, v in _estimate_json(capsys, tiny_checkpoint)["presets"].items()}
     # (the tiny checkpoint's T3 Linears are too small to quantize, so bnb-4bit may equal bnb-8bit)
-    assert totals["fp16"] > totals["bnb-8bit"] >= totals["bnb-4bit"]
-    free = [totals["fp16"], totals["fp16"] - 1, totals["bnb-4bit"] - 1]
+    assert totals["fp16"] > totals["bnb-8bit"] >= totals["bnb-4bit"] > totals["bnb-4bit-swap"]
+    free = [totals["fp16"], totals["fp16"] - 1, totals["bnb-4bit-swap"] - 1]
     _fake_gpus(monkeypatch, free)
     _no_download(monkeypatch)
     code, out, err = _cli(capsys, "probe-vram", "--model", tiny_checkpoint, "--json")

@@ -54,7 +54,8 @@ def test_json_schema_is_exact(official: tuple[Path, dict]) -> None:
     report = est.estimate(official[0], "all", free_bytes=3 * GiB)
     data = json.loads(report.to_json())
     assert set(data) == {"free_bytes", "presets", "chosen", "reason"}
-    assert data["free_bytes"] == 3 * GiB and set(data["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit"}
+    assert data["free_bytes"] == 3 * GiB
+    assert set(data["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"}
     for entry in data["presets"].values():
         assert set(entry) == {
             "components", "kv_cache_bytes", "workspace_bytes", "cuda_context_bytes", "margin_bytes",
@@ -68,8 +69,9 @@ def test_json_schema_is_exact(official: tuple[Path, dict]) -> None:
                 "other_bytes",
                 "quantized_layers",
                 "mode",
+                "resident",
             }
-            assert all(isinstance(comp[k], int) for k in comp if k != "mode")
+            assert all(isinstance(comp[k], int) for k in comp if k not in ("mode", "resident"))
         for k in ("kv_cache_bytes", "cuda_context_bytes", "margin_bytes", "total_bytes"):
             assert isinstance(entry[k], int) and entry[k] > 0
         # beyond weights + KV cache; 0 when the parked vocoder leaves T3 more room than it needs
@@ -118,7 +120,8 @@ def test_kv_cache_from_header_shapes(official: tuple[Path, dict]) -> None:
 
 def test_total_is_the_sum_of_its_parts(official: tuple[Path, dict]) -> None:
     for e in est.estimate(official[0], "all", cuda_context_bytes=123_456_789).presets.values():
-        weights = e.components["t3"].weights_bytes + e.components["s3gen"].weights_bytes
+        # taking turns (bnb-4bit-swap), S3Gen is in host memory during T3's turn: its turn is in the workspace
+        weights = sum(c.weights_bytes for k, c in e.components.items() if k != "voice_encoder" and c.resident)
         assert e.cuda_context_bytes == 123_456_789 and e.details["cuda_context_measured"]
         assert e.margin_bytes == int(est.MARGIN_FRACTION * (weights + e.kv_cache_bytes + e.workspace_bytes))
         assert (
@@ -133,14 +136,17 @@ def test_total_is_the_sum_of_its_parts(official: tuple[Path, dict]) -> None:
 def test_chooser_picks_highest_fidelity_that_fits(official: tuple[Path, dict]) -> None:
     folder, _ = official
     totals = {p: e.total_bytes for p, e in est.estimate(folder, "all").presets.items()}
-    assert totals["fp16"] > totals["bnb-8bit"] > totals["bnb-4bit"]
+    assert totals["fp16"] > totals["bnb-8bit"] > totals["bnb-4bit"] > totals["bnb-4bit-swap"]
     r = est.estimate(folder, "all", free_bytes=totals["fp16"])
     assert r.chosen == "fp16" and r.reason.startswith(f"{totals['fp16'] / GiB:.1f} GiB free; fp16 needs")
     assert r.reason.endswith("→ fp16")
     assert est.estimate(folder, "all", free_bytes=totals["fp16"] - 1).chosen == "bnb-8bit"
     assert est.estimate(folder, "all", free_bytes=totals["bnb-4bit"]).chosen == "bnb-4bit"
-    none = est.estimate(folder, "all", free_bytes=totals["bnb-4bit"] - 1)
-    assert none.chosen is None and none.reason.endswith("→ CPU") and "bnb-4bit needs" in none.reason
+    split = est.estimate(folder, "all", free_bytes=totals["bnb-4bit"] - 1)
+    assert split.chosen == "bnb-4bit-swap"
+    none = est.estimate(folder, "all", free_bytes=totals["bnb-4bit-swap"] - 1)
+    assert none.chosen is None and none.reason.endswith("→ CPU")
+    assert "even bnb-4bit-swap needs" in none.reason
     cpu = est.estimate(folder, "all", free_bytes=None)
     assert (cpu.chosen, cpu.reason) == (None, "no GPU: CPU")
     assert all(e.fits is None for e in cpu.presets.values())
@@ -186,4 +192,55 @@ def test_parked_vocoder_is_off_the_gpu_while_t3_decodes(official: tuple[Path, di
     hift = nf4.details["parts"]["mel2wav"]["weights_bytes"]
     assert nf4.details["vocoder_parked_bytes"] == hift > 0
     t3_ws, s3_ws = nf4.details["t3_workspace_bytes"], nf4.details["s3gen_workspace_bytes"]
-    assert nf4.workspace_bytes == max(t3_ws - hift, s3_ws - nf4.kv_cache_bytes, 0)
+    early = est.s3gen_workspace_bytes(48, 1, True)  # the early piece, beside its chunk's KV cache
+    assert nf4.workspace_bytes == max(t3_ws - hift, s3_ws - nf4.kv_cache_bytes, early, 0)
+
+
+# The full-size English T3 as its official header gives it (checked below), and the calibration run's
+# shape: one 1,000-token utterance, a 300-token text, CFG on, batch 1.
+ENGLISH_T3 = est.T3Shape(
+    n_layers=30, hidden=1024, kv_dim=1024, intermediate=4096, cond_len=34, speech_vocab=8194
+)
+
+
+def test_t3_shape_of_the_official_header(official: tuple[Path, dict]) -> None:
+    headers = est.read_headers(official[0])
+    assert est.t3_shape(headers["t3_cfg.safetensors"]) == ENGLISH_T3
+
+
+def test_t3_workspace_terms_by_hand() -> None:
+    rows, prompt = 2, 34 + 300 + 3  # CFG rows; conditioning + text + start/stop/start-speech
+    layer = rows * prompt * (6 * 1024 + 3 * 4096) * 2  # live hidden and MLP activations, 16-bit
+    scores = rows * 16 * prompt * (prompt + 1000) * 4  # fp32 scores over the whole cache
+    logits = rows * 8194 * 4 * 4
+    assert layer + scores + logits == 82_781_376  # "82.8 MB counted" in the calibration note
+    # x 0.46, the calibrated ratio (38.4 MB measured on the H100)
+    assert est.t3_workspace_bytes(ENGLISH_T3, 1000, 1, True, 300) == 38_079_432
+    assert est.t3_workspace_bytes(ENGLISH_T3, 1000, 1, True, 300) == pytest.approx(38.4e6, rel=0.01)
+    # every term grows with the rows: 8 utterances with CFG, or 4 without, are 8x and 2x that
+    assert est.t3_workspace_bytes(ENGLISH_T3, 1000, 8, True, 300) == 304_635_463
+    assert est.t3_workspace_bytes(ENGLISH_T3, 1000, 4, False, 300) == 76_158_865
+
+
+def test_s3gen_workspace_terms_by_hand() -> None:
+    # batch 1: the vocoder stage is the peak; 138.8 MB counted, 197.4 MB measured (x 1.42)
+    stages = est.s3gen_stage_bytes(1000, 1)
+    assert max(stages.values()) == stages["hift"] == 138_838_951
+    assert est.s3gen_workspace_bytes(1000, 1, True) == 197_151_310
+    assert est.s3gen_workspace_bytes(1000, 1, True) == pytest.approx(197.4e6, rel=0.01)
+    # batch 8: the flow estimator's [2B, 2500 frames] U-Net activations are the peak:
+    # 2 * 8 rows * 2 * (250 + 1000) frames * (13 * 256 + 6 * 80) channels * 2 bytes, x 1.42
+    estimator = 2 * 8 * 2 * 1250 * (13 * 256 + 6 * 80) * 2
+    assert est.s3gen_stage_bytes(1000, 8)["estimator"] == estimator == 304_640_000
+    assert est.s3gen_workspace_bytes(1000, 8, True) == 432_588_800
+
+
+def test_workspace_of_the_fp16_estimate_is_pinned(official: tuple[Path, dict]) -> None:
+    e = est.estimate(official[0], "fp16", max_tokens=1000, text_tokens=300).presets["fp16"]
+    # The first chunk's early piece (S3Gen on 48 tokens, 42.7 MB, beside that chunk's KV cache) is the
+    # peak over T3's prefill (38.1 MB); S3Gen's whole chunk (197 MB) fits in the freed 328.6 MB KV cache
+    assert e.kv_cache_bytes == 328_581_120
+    assert est.s3gen_workspace_bytes(48, 1, True) == 42_665_160
+    assert e.workspace_bytes == 42_665_160
+    batch = est.estimate(official[0], "fp16", max_tokens=1000, text_tokens=300, batch=8).presets["fp16"]
+    assert batch.workspace_bytes == 304_635_463

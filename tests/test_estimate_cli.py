@@ -57,7 +57,7 @@ def test_json_schema_without_a_gpu(
     doc = json.loads(out)
     assert set(doc) == {"free_bytes", "presets", "chosen", "reason"}
     assert doc["free_bytes"] is None and doc["chosen"] is None
-    assert set(doc["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit"}
+    assert set(doc["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"}
     for preset in doc["presets"].values():
         assert set(preset) == PRESET_KEYS and preset["fits"] is None
         assert set(preset["components"]) == {"t3", "s3gen", "voice_encoder"}

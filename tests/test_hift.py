@@ -1,21 +1,25 @@
 """HiFT vocoder: official key layout, weight-norm loading, parity with the reference, seeding, batching.
 
 Parity fixture: scripts/parity/hift.py (reference HiFTGenerator, our seeded weights, our seeded source
-noise injected into its SineGen). Tolerances: F0 1e-3 Hz (values up to ~300 Hz); source 1e-4 and
-waveform 3e-4 absolute (peaks ~0.4-0.6). F0 of the batch matches bit for bit. `inference` runs each row
-alone, while the reference ran the fixture's 2 rows as one batch: the F0 convolutions round differently
-(last ulp), and the source integrates F0 into a phase over 24,000 samples; measured source 2.7e-5,
-waveform 9.3e-5 (english), 3.1e-5 (tiny). The slack also covers other CPUs.
+noise injected into its SineGen). The source integrates F0 into a phase over every output sample, so a
+last-ulp F0 difference from the F0 convolutions grows with time (measured up to 4.5e-4 in the waveform on
+other instruction sets). Parity is therefore checked piece by piece: F0; the source from the reference's
+F0 (rounding only) and from ours (plus the phase drift that our F0's difference explains); the waveform
+decoded from the reference's F0 (the decoder's rounding only); and `inference` equals those pieces.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+from rounding import U, rounding_tolerance
 from safetensors.torch import load_file
 
 from chatterbox_cli.models.s3gen.hifigan import (
@@ -28,9 +32,15 @@ from chatterbox_cli.models.s3gen.hifigan import (
     random_state_dict,
 )
 
+pytestmark = pytest.mark.parity  # .ci/run reruns these under other instruction sets
+
 FIXTURES = Path(__file__).parent / "fixtures"
 META = json.loads((FIXTURES / "parity_hift.json").read_text())
 SILENCE = -11.5129  # log(1e-5), the mel of silence
+# Sum of the reduction lengths (in_channels x kernel / stride) of the convolutions an output depends on,
+# counted with forward hooks: the F0 predictor and the decoder (every resblock and source branch).
+F0_REDUCTIONS = {"tiny": 448, "english": 6_896}
+DECODER_REDUCTIONS = {"tiny": 6_171, "english": 80_359}
 
 
 @pytest.fixture(scope="module")
@@ -50,19 +60,65 @@ def _fixture_noise(mel: torch.Tensor) -> SourceNoise:
     return draw_source_noise(mel.shape[0], 9, mel.shape[-1] * 480, gen)
 
 
+def _source_tolerance(
+    model: HiFTGenerator, f0: torch.Tensor, f0_ref: torch.Tensor, noise: SourceNoise, n: int
+) -> torch.Tensor:
+    """Bound [B, n] on |source(f0) - source(f0_ref)| over the first n samples, rounding included."""
+    cfg, source = model.config, model.m_source
+    assert torch.equal(f0 > cfg.nsf_voiced_threshold, f0_ref > cfg.nsf_voiced_threshold)  # no voicing flips
+    spf, sr = cfg.samples_per_frame, cfg.sampling_rate
+    drift = (f0 - f0_ref).double().abs().repeat_interleave(spf, -1)[:, :n].cumsum(-1) / sr
+    cycles = f0_ref.double().repeat_interleave(spf, -1)[:, :n].cumsum(-1) / sr  # of the fundamental
+    weight = source.l_linear.weight[0].double().abs()
+    m = torch.arange(1, source.harmonics + 1, dtype=torch.float64)[:, None, None]
+    # harmonic m: phase error 2 pi m (drift + 6u cycles) (the product f0 m / sr, and cumsum, which
+    # accumulates in double and rounds its float32 output once), + 36u for the fraction, 2 pi, offset, sin
+    phase = 2 * math.pi * m * (drift + 6 * U * cycles) + 36 * U
+    sines = (weight[:, None, None] * source.sine_amp * phase).sum(0)
+    # merge of 9 weighted harmonics (sine and noise) and the bias, then tanh (Lipschitz 1)
+    harmonic = source.sine_amp * (1 + noise.noise.abs().max().item() / 3)
+    return sines + 2 * 12 * U * (weight.sum().item() * harmonic + source.l_linear.bias.abs().item() + 1)
+
+
+@contextlib.contextmanager
+def _no_tf32() -> Iterator[None]:
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _check_parity(model: HiFTGenerator, size: str, fixture: dict[str, torch.Tensor]) -> None:
     mel = fixture["mel"]
-    f0_ref, wav_ref = fixture[f"{size}.f0"], fixture[f"{size}.wav"]
+    f0_ref, wav_ref, src_ref = fixture[f"{size}.f0"], fixture[f"{size}.wav"], fixture[f"{size}.source"]
+    n = src_ref.shape[-1]
     unvoiced = (f0_ref <= 10).float().mean().item()
     assert 0 < unvoiced < 1, "fixture must exercise both voiced and unvoiced frames"
-    with torch.inference_mode():
-        f0 = model.predict_f0(mel)
-    wav, source = model.inference(mel, noise=_fixture_noise(mel))
-    assert (f0 - f0_ref).abs().max().item() <= 1e-3
-    src_ref = fixture[f"{size}.source"]
-    assert (source[:, :, : src_ref.shape[-1]] - src_ref).abs().max().item() <= 1e-4
+    noise = _fixture_noise(mel)
+    wav, source = model.inference(mel, noise=noise)
     assert wav.shape == wav_ref.shape == (2, 24000)
-    assert (wav - wav_ref).abs().max().item() <= 3e-4
+    f0_tol = rounding_tolerance(F0_REDUCTIONS[size]) * f0_ref.abs().max()
+    with torch.inference_mode():
+        for row in range(mel.shape[0]):
+            row_mel, row_f0_ref = mel[row : row + 1], f0_ref[row : row + 1]
+            row_noise = SourceNoise(noise.phase[row : row + 1], noise.noise[row : row + 1])
+            f0 = model.predict_f0(row_mel)
+            assert (f0 - row_f0_ref).abs().max() <= f0_tol
+            # inference runs each row alone through these pieces: the same computation, to the bit
+            ours = model.source(f0, noise=row_noise)
+            assert torch.equal(ours[0], source[row]) and torch.equal(model.decode(row_mel, ours)[0], wav[row])
+            # the source from our F0: the reference's within the phase drift the F0 difference explains
+            tol = _source_tolerance(model, f0, row_f0_ref, row_noise, n)
+            assert ((ours[:, 0, :n] - src_ref[row : row + 1, 0]).abs() <= tol).all()
+            # from the reference's F0 the source differs by rounding only, and so does the decoder's output
+            theirs = model.source(row_f0_ref, noise=row_noise)
+            tol = _source_tolerance(model, row_f0_ref, row_f0_ref, row_noise, n)
+            assert ((theirs[:, 0, :n] - src_ref[row : row + 1, 0]).abs() <= tol).all()
+            decoded = model.decode(row_mel, theirs)[0]
+            bound = rounding_tolerance(DECODER_REDUCTIONS[size]) * wav_ref[row].abs().max()
+            assert (decoded - wav_ref[row]).abs().max() <= bound
 
 
 def test_parity_tiny(tiny: HiFTGenerator, fixture: dict[str, torch.Tensor]) -> None:
@@ -118,7 +174,9 @@ def test_weight_norm_is_folded_from_either_key_form() -> None:
     g = sd["ups.1.parametrizations.weight.original0"]  # ConvTranspose1d: g over input channels
     v = sd["ups.1.parametrizations.weight.original1"]
     expected = v * g / v.flatten(1).norm(dim=1)[:, None, None]
-    assert torch.allclose(official.ups[1].weight, expected, rtol=1e-5, atol=1e-7)
+    # each side sums v[0].numel() squares (any order) and scales: (2k + 4)u relative between them
+    rtol = (2 * v[0].numel() + 4) * U
+    torch.testing.assert_close(official.ups[1].weight, expected, rtol=rtol, atol=0)
     assert not any(".parametrizations." in n or n.endswith("_g") for n, _ in official.named_parameters())
 
 
@@ -127,7 +185,9 @@ def test_state_dict_round_trip(tiny: HiFTGenerator) -> None:
     again = HiFTGenerator(HiFTConfig.tiny())
     again.load_state_dict(sd, strict=True)
     for (name, p), q in zip(tiny.named_parameters(), again.parameters(), strict=True):
-        assert torch.allclose(p, q, rtol=1e-6, atol=1e-7), name
+        # a folded weight is saved as (g = |w|, v = w) and folded again: two norms of p[0].numel() squares
+        rtol = (2 * p[0].numel() + 4) * U if p.dim() > 1 else 0.0
+        torch.testing.assert_close(p, q, rtol=rtol, atol=0, msg=name)
 
 
 def test_half_a_weight_norm_pair_is_rejected() -> None:
@@ -241,7 +301,10 @@ def test_chunked_decode_equals_one_pass(tiny: HiFTGenerator, chunk: int) -> None
         one_pass = tiny.decode(mel, source, chunk_frames=10_000)
         chunked = tiny.decode(mel, source, chunk_frames=chunk)
     assert tiny.decode_chunk_frames(1, torch.float32) >= 2 * DECODE_CONTEXT_FRAMES
-    assert (chunked - one_pass).abs().max().item() <= 1e-6  # measured 1e-7 (rounding)
+    # chunks of other lengths take other kernels: rounding only
+    assert (chunked - one_pass).abs().max() <= rounding_tolerance(
+        DECODER_REDUCTIONS["tiny"]
+    ) * one_pass.abs().max()
 
 
 @pytest.mark.parametrize("total", [10, 175, 176, 177, 300, 700])
@@ -268,7 +331,7 @@ def test_rows_decoded_together_equal_one_pass_each(tiny: HiFTGenerator) -> None:
         alone = [tiny.decode(m, s, chunk_frames=10_000) for m, s in zip(mels, sources, strict=True)]
     for a, b, n in zip(together, alone, lengths, strict=True):
         assert a.shape == b.shape == (1, n * 480)
-        assert (a - b).abs().max().item() <= 1e-6
+        assert (a - b).abs().max() <= rounding_tolerance(DECODER_REDUCTIONS["tiny"]) * b.abs().max()
 
 
 @pytest.mark.gpu
@@ -291,4 +354,14 @@ def test_cuda_batch_rows_equal_single_rows_and_the_cpu(tiny: HiFTGenerator) -> N
         cpu, _ = tiny.inference(mel, noise=n)
         frames = mel.shape[-1] * 480
         torch.testing.assert_close(wav[row, :frames], alone[0], rtol=0, atol=1e-3)  # measured 1e-4
-        torch.testing.assert_close(wav[row, :frames].cpu(), cpu[0], rtol=0, atol=2e-2)  # TF32 convs
+        # Against the CPU, with the GPU's convolutions in true float32 (no TF32), piece by piece as the
+        # parity test does: the F0, then the decoder from one and the same excitation. Measured on the
+        # H100: 5.4e-7 and 9.1e-7 of the peak, against bounds of 7.6e-6 and 2.8e-5.
+        with torch.inference_mode(), _no_tf32():
+            f0_gpu, f0_cpu = gpu.predict_f0(mel.cuda()).cpu(), tiny.predict_f0(mel)
+            f0_err = float((f0_gpu - f0_cpu).abs().max())
+            source = tiny.source(f0_cpu, noise=n)
+            wav_gpu, wav_cpu = gpu.decode(mel.cuda(), source.cuda()).cpu(), tiny.decode(mel, source)
+            wav_err = float((wav_gpu - wav_cpu).abs().max())
+        assert f0_err <= rounding_tolerance(F0_REDUCTIONS["tiny"]) * f0_cpu.abs().max()
+        assert wav_err <= rounding_tolerance(DECODER_REDUCTIONS["tiny"]) * wav_cpu.abs().max()

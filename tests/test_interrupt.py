@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from chatterbox_cli import pipeline, service
 from chatterbox_cli.audio import join_pause
 from chatterbox_cli.batch import MANIFEST_NAME
 from chatterbox_cli.cli import run
+from chatterbox_cli.jobs import _HoldInterrupts
 
 EnvFactory = Callable[..., dict[str, str]]
 FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2", "--seed", "7")
@@ -143,3 +145,85 @@ def test_interrupted_batch_keeps_finished_items_and_a_rerun_continues(
     doc = json.loads(capsys.readouterr().out)
     assert doc["items"] == {"total": 60, "made": 60 - len(finished), "skipped": len(finished)}
     assert sorted(p.name for p in out.glob("*.wav")) == [f"{i:04d}.wav" for i in range(1, 61)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Ctrl-C inside a write waits for the write to finish
+
+
+def _let_the_handler_run() -> None:
+    for _ in range(100):  # function calls are where Python runs pending signal handlers
+        time.sleep(0)
+
+
+def test_sigint_inside_a_critical_block_is_raised_when_the_block_ends() -> None:
+    holder = _HoldInterrupts()
+    steps: list[str] = []
+    with holder.installed():
+        with pytest.raises(KeyboardInterrupt):
+            with holder.critical():
+                os.kill(os.getpid(), signal.SIGINT)
+                _let_the_handler_run()
+                steps.append("rest of the block")
+            steps.append("after the block")
+        assert steps == ["rest of the block"]
+        with holder.critical():  # the held interrupt was delivered once, not again
+            _let_the_handler_run()
+        with pytest.raises(KeyboardInterrupt):  # outside a critical block it is raised at once
+            os.kill(os.getpid(), signal.SIGINT)
+            _let_the_handler_run()
+            steps.append("outside")
+    assert steps == ["rest of the block"]
+
+
+_SIGINT_IN_A_WRITE = """
+import io, os, signal, sys
+import chatterbox_cli.audio as audio
+
+class SignalledMidWrite(io.FileIO):
+    # SIGINT arrives halfway through the second chunk's samples (the OS took half of them so far).
+    payloads = 0
+
+    def write(self, data):
+        if len(data) > 64:  # samples, not the header or a size field
+            SignalledMidWrite.payloads += 1
+            if SignalledMidWrite.payloads == 2:
+                written = super().write(bytes(data)[: len(data) // 2])
+                os.kill(os.getpid(), signal.SIGINT)
+                return written
+        return super().write(data)
+
+audio.open = lambda file, mode="r", buffering=-1: SignalledMidWrite(file, mode.replace("b", ""))
+from chatterbox_cli.cli import main
+main()
+"""
+
+
+def test_sigint_during_a_chunk_write_keeps_that_chunk_whole(
+    tiny_checkpoint: str,
+    tmp_path: Path,
+    make_child_env: EnvFactory,
+    reference: tuple[np.ndarray, list[int]],
+) -> None:
+    (tmp_path / "long.txt").write_text(LONG_TEXT)
+    proc = subprocess.run(
+        [sys.executable, "-c", _SIGINT_IN_A_WRITE, "synthesize", "--input", "long.txt", "-o", "out.wav"]
+        + ["--model", tiny_checkpoint, *FAST],
+        cwd=tmp_path,
+        env=make_child_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 130, proc.stderr
+    out = tmp_path / "out.wav"
+    kept, _ = sf.read(str(out), dtype="int16")
+    full, ends = reference
+    assert kept.shape[0] == ends[1]  # both chunks, the second one whole
+    assert out.stat().st_size == 44 + 2 * ends[1]  # and the header counts all of it
+    np.testing.assert_allclose(kept.astype(np.int32), full[: ends[1]], rtol=0, atol=1)
+    found = re.search(
+        r"interrupted: kept out\.wav with [\d.]+ s of audio \((\d+) of \d+ chunks\)", proc.stderr
+    )
+    assert found, proc.stderr
+    assert found[1] == "2"  # the message counts what the file holds

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from rounding import U
 from safetensors.torch import load_file
 
 from chatterbox_cli.models.s3gen.mel import (
@@ -19,7 +21,36 @@ from chatterbox_cli.models.s3gen.mel import (
     num_frames,
 )
 
+pytestmark = pytest.mark.parity  # .ci/run reruns these under other instruction sets
+
 FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def fft_error(n_fft: int, abs_sum: torch.Tensor) -> torch.Tensor:
+    """Bound on |computed - exact| of every bin of a float32 FFT of a frame whose sum of |x| is abs_sum.
+
+    Each butterfly level (ceil(log2 n), plus one for the real-input split) adds a twiddle product and a sum,
+    at most 6u of its partial sums, whose magnitudes add up to <= abs_sum at every level, whatever the radix
+    and the SIMD order. +2u: the window's rounding and the window product.
+    """
+    return (6 * (math.ceil(math.log2(n_fft)) + 1) + 2) * U * abs_sum
+
+
+def log_mel_tolerance(wav: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-element bound on |a - b| for two float32 log-mels of wav [B, T] that differ in rounding only."""
+    c = S3GEN_MEL
+    side = (c.n_fft - c.hop_length) // 2
+    padded = torch.nn.functional.pad(wav.double()[:, None], (side, side), mode="reflect")[:, 0]
+    window = torch.hann_window(c.n_fft, periodic=True, dtype=torch.float64)
+    abs_sum = padded.unfold(-1, c.n_fft, c.hop_length).abs() @ window  # [B, frames]
+    fb = mel_filterbank().double()
+    # |delta sqrt(|X|^2 + eps)| <= |delta X| + 4u |X|. The mel sums nnz non-zero products per band (sums
+    # with exact zeros are exact): gamma_(nnz) times sum F |X|, which is at most the larger clamped mel.
+    nnz = (fb > 0).sum(1)[None, :, None]
+    mel_hi = torch.maximum(a, b).double().exp()
+    one_side = fb.sum(1)[None, :, None] * fft_error(c.n_fft, abs_sum)[:, None, :] + (nnz + 4) * U * mel_hi
+    # |log x - log y| <= |x - y| / min(x, y), the clamp is 1-Lipschitz, and each log is within 1 ulp <= 2u|.|
+    return 2 * one_side / torch.minimum(a, b).double().exp() + 4 * U * b.double().abs()
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +66,9 @@ def test_filterbank_matches_librosa(fixture: dict[str, torch.Tensor]) -> None:
     ours = mel_filterbank()
     assert ours.shape == expected.shape == (80, 961)
     assert ours.dtype == torch.float32
-    # bit-exact here; 1e-9 leaves room for a different libm
-    assert (ours - expected).abs().max().item() <= 1e-9
+    # float64 maths rounded to float32 twice (triangles, then scaled), the same steps as librosa: a libm
+    # that differs in the last float64 bit can flip each rounding, 2u of the value per side
+    assert ((ours - expected).abs() <= 4 * U * expected.abs()).all()
     assert torch.equal(ours != 0, expected != 0)
 
 
@@ -44,8 +76,11 @@ def test_log_mel_matches_reference(fixture: dict[str, torch.Tensor]) -> None:
     ours = mel_spectrogram(fixture["clip"])
     ref = fixture["mel"]
     assert ours.shape == ref.shape == (2, 80, 50)
-    # log domain, values in [-11.5, 2]; bit-exact here
-    assert (ours - ref).abs().max().item() <= 1e-5
+    # log domain, values in [-11.5, 2]: next to the floor the log magnifies the FFT's rounding, which is
+    # relative to the whole frame, so the bound is per element
+    err = (ours - ref).double().abs()
+    tol = log_mel_tolerance(fixture["clip"], ours, ref)
+    assert (err <= tol).all(), f"max err/tol {(err / tol).max().item():.3g}"
 
 
 @pytest.mark.parametrize("samples", [721, 1000, 24000, 24479, 24480])
@@ -73,7 +108,8 @@ def test_sine_energy_lands_in_the_band_at_its_frequency() -> None:
 
 def test_silence_hits_the_log_floor() -> None:
     mel = mel_spectrogram(torch.zeros(2, 4800))
-    assert torch.allclose(mel, torch.full_like(mel, np.log(S3GEN_MEL.log_floor)))
+    # the FFT of zeros is exactly zero; only the floor's float32 rounding (u) and the log (1 ulp) remain
+    torch.testing.assert_close(mel, torch.full_like(mel, np.log(S3GEN_MEL.log_floor)), rtol=4 * U, atol=U)
 
 
 def test_slaney_scale() -> None:
@@ -94,7 +130,9 @@ def test_batch_rows_are_independent() -> None:
     wav = 0.1 * torch.randn(3, 9600, generator=gen)
     batch = mel_spectrogram(wav)
     for i in range(3):
-        assert torch.allclose(batch[i], mel_spectrogram(wav[i])[0], atol=1e-6)
+        row, alone = batch[i : i + 1], mel_spectrogram(wav[i])
+        # a batch may take other FFT and matmul kernels: rounding only
+        assert ((row - alone).abs() <= log_mel_tolerance(wav[i : i + 1], row, alone)).all()
 
 
 def test_rejects_too_short_and_wrong_rank() -> None:

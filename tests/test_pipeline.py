@@ -184,7 +184,7 @@ def test_out_of_memory_in_a_batch_halves_it_and_keeps_the_audio(
     texts = [*SENTENCES, "One more sentence to make four chunks."]
     settings = SynthesisSettings(seed=5, **FAST)
     request = service.LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=20, batch=1)
-    expected = list(service.speak(loaded, request, texts, conds, settings))
+    expected = list(service.ModelHolder(request).speak(texts, conds, settings))
 
     attention = torch.nn.functional.scaled_dot_product_attention
 
@@ -196,9 +196,10 @@ def test_out_of_memory_in_a_batch_halves_it_and_keeps_the_audio(
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", small_gpu)
     notes: list[str] = []
     request = service.LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=20, batch=3)
-    got = list(service.speak(loaded, request, texts, conds, settings, notes.append))
+    holder = service.ModelHolder(request, notes.append)
+    got = list(holder.speak(texts, conds, settings))
     assert any("decoding 3 chunks at once at chunk 2; trying 1" in n for n in notes), notes
-    assert loaded.preset == "fp32"  # the batch shrank; the preset stayed
+    assert holder.model.preset == "fp32" and holder.batch_cap == 1  # the batch shrank; the preset stayed
     assert [c.index for c in got] == [0, 1, 2, 3]
     for a, b in zip(expected, got, strict=True):
         np.testing.assert_array_equal(a.audio, b.audio)

@@ -37,11 +37,12 @@ def header_of(tensors: dict[str, list]) -> dict[str, TensorInfo]:
 
 
 def test_preset_order_and_modes() -> None:
-    assert preset_names() == ["fp16", "bnb-8bit", "bnb-4bit"]
+    assert preset_names() == ["fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"]
     expected = {
         "fp16": {},
         "bnb-8bit": {"t3": "int8", "flow": "int8"},
         "bnb-4bit": {"t3": "nf4", "flow": "int8"},
+        "bnb-4bit-swap": {"t3": "nf4", "flow": "int8"},  # T3 and S3Gen take turns on the GPU
     }
     for preset, quantized in expected.items():
         plan = plan_for(preset)

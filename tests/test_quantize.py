@@ -14,7 +14,12 @@ from torch import nn
 
 from chatterbox_cli.checkpoint import safetensors_header
 from chatterbox_cli.estimate import component_weights, quantized_linear_nbytes
-from chatterbox_cli.presets import linear_shapes_from_header, linear_shapes_from_module, plan_for
+from chatterbox_cli.presets import (
+    ComponentPlan,
+    linear_shapes_from_header,
+    linear_shapes_from_module,
+    plan_for,
+)
 from chatterbox_cli.quantize import (
     QuantizationError,
     load_quantized,
@@ -241,6 +246,9 @@ def test_load_quantized_on_gpu(tmp_path: Path, preset: str) -> None:
     load_quantized(model, path, plan, "cuda", torch.float16)
     report = verify_quantized(model, plan, device="cuda")
     assert report.quantized_layers == LAYERS * 7
+    assert verify_quantized(model, plan, device="cuda:0").quantized_layers == LAYERS * 7
+    with pytest.raises(QuantizationError, match="quantized tensors on cuda:0, expected cuda:1"):
+        verify_quantized(model, plan, device="cuda:1")  # no second GPU needed: the index is compared
     estimate, _ = component_weights(safetensors_header(path), plan, "")
     assert report.quantized_bytes == estimate.quantized_linear_bytes
     x = torch.randn(2, 5, HIDDEN)
@@ -248,3 +256,46 @@ def test_load_quantized_on_gpu(tmp_path: Path, preset: str) -> None:
         ref = reference_model(sd)(x)
         y = model(x.half().cuda()).float().cpu()
     assert rel_err(y, ref) < (0.01 if preset == "bnb-8bit" else 0.03)
+
+
+def _quantized_mini_t3(preset: str) -> tuple[MiniT3, ComponentPlan]:
+    model = MiniT3().to(torch.bfloat16)
+    plan = plan_for(preset)["t3"]
+    quantize_module(model, plan, "cpu", torch.bfloat16)
+    assert verify_quantized(model, plan, device="cpu").quantized_layers == LAYERS * 7
+    return model, plan
+
+
+def test_verify_catches_a_real_params4bit_left_unquantized() -> None:
+    model, plan = _quantized_mini_t3("bnb-4bit")
+    # A Linear4bit built on the host: its weight is a real Params4bit, still float32, never quantized.
+    fresh = bnb.nn.Linear4bit(HIDDEN, HIDDEN, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+    assert isinstance(fresh.weight, bnb.nn.Params4bit) and fresh.weight.quant_state is None
+    model.tfmr.layers[1].self_attn.k_proj = fresh
+    with pytest.raises(QuantizationError) as e:
+        verify_quantized(model, plan)
+    assert str(e.value) == (
+        "quantization does not match the plan: tfmr.layers.1.self_attn.k_proj: "
+        "Linear4bit whose weight is torch.float32 and not quantized"
+    )
+
+
+def test_verify_catches_a_params4bit_whose_data_is_float_again() -> None:
+    model, plan = _quantized_mini_t3("bnb-4bit")
+    # The quant state is still there, but the data was swapped for the dequantized floats.
+    w = model.tfmr.layers[0].mlp.up_proj.weight
+    assert w.dtype == torch.uint8 and w.quant_state is not None
+    w.data = bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    with pytest.raises(
+        QuantizationError, match=r"up_proj: Linear4bit whose weight is torch.bfloat16 and not"
+    ):
+        verify_quantized(model, plan)
+
+
+@pytest.mark.parametrize(("preset", "mode"), [("bnb-8bit", "int8"), ("bnb-4bit", "nf4")])
+def test_verify_checks_where_the_quantized_tensors_are(preset: str, mode: str) -> None:
+    model, plan = _quantized_mini_t3(preset)  # on the CPU, which verify accepts for "cpu"
+    for device in ("cuda", "cuda:1", "meta"):
+        with pytest.raises(QuantizationError, match=rf"q_proj: quantized tensors on cpu, expected {device}"):
+            verify_quantized(model, plan, device=device)
+    assert verify_quantized(model, plan, device=torch.device("cpu")).by_mode == {mode: LAYERS * 7}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from rounding import U
 
 from chatterbox_cli.errors import ChatterboxError, UsageError
 from chatterbox_cli.models.conds import load_voice
@@ -21,6 +23,12 @@ from chatterbox_cli.voice import (
     voice_cache_path,
     voice_from_clip,
 )
+
+pytestmark = pytest.mark.parity  # .ci/run reruns these under other instruction sets
+
+# reductions a VoiceEncoder embedding depends on (as in tests/test_voice_encoder.py): 160 steps of 3 LSTM
+# layers, the projection and the mel
+VE_REDUCTIONS = 160 * (296 + 512 + 512) + 256 + 400 + 201
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,8 @@ def test_prepared_voice_has_the_reference_layout(models: tuple[VoiceEncoder, S3G
     sf.write(clip, speechlike(4.0, 44100, channels=2), 44100, subtype="PCM_16")
     conds = prepare_voice(clip, ve, s3gen, exaggeration=0.7)
     t3, gen = conds.t3, conds.gen
-    assert t3.speaker_emb.shape == (1, 256) and abs(t3.speaker_emb.norm().item() - 1) < 1e-5
+    # normalising rounds the norm by at most (256 + 4)u
+    assert t3.speaker_emb.shape == (1, 256) and abs(t3.speaker_emb.norm().item() - 1) <= 260 * U
     assert t3.cond_prompt_speech_tokens.shape == (1, 100)  # 4 s at 25 tokens/s, under the 6 s cap
     assert t3.cond_prompt_speech_tokens.dtype == torch.long
     assert t3.emotion_adv.shape == (1, 1, 1) and t3.emotion_adv.item() == pytest.approx(0.7)
@@ -85,7 +94,9 @@ def test_prompt_windows_follow_the_reference(models: tuple[VoiceEncoder, S3Gen])
     from chatterbox_cli.audio import resample
 
     direct = ve.embeds_from_wavs([resample(wav, sr, 16000)], 16000)
-    torch.testing.assert_close(a.t3.speaker_emb, direct, rtol=0, atol=1e-6)
+    # the same computation; MKL may still round by memory alignment (tests/test_voice_encoder.py's bound)
+    tol = 6 * U * math.sqrt(VE_REDUCTIONS) * direct.abs().max().item()
+    torch.testing.assert_close(a.t3.speaker_emb, direct, rtol=0, atol=tol)
 
 
 def test_voice_is_cached_by_clip_content_and_model(

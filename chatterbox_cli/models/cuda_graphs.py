@@ -14,13 +14,14 @@ class GraphedCall:
     output buffer: use it before the next call.
 
     Run fn once eagerly at these shapes before capturing (lazy initialisation must not happen during
-    capture). The graph's memory is freed with the object.
+    capture). The graph's memory comes from `pool` (the id of a torch.cuda.MemPool, which graphs that
+    never run at the same time can share) or from a pool of its own, and goes back to it with the object.
     """
 
-    def __init__(self, fn: Callable[..., Tensor], *args: Tensor) -> None:
+    def __init__(self, fn: Callable[..., Tensor], *args: Tensor, pool: tuple[int, int] | None = None) -> None:
         self.inputs = [a.clone() for a in args]
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, pool=pool):
             self.output = fn(*self.inputs)
 
     def __call__(self, *args: Tensor) -> Tensor:
@@ -32,9 +33,10 @@ class GraphedCall:
 
 def capturable(module: nn.Module, x: Tensor) -> bool:
     """Whether `module` may run inside a CUDA graph for input `x`: on CUDA, not already capturing, and
-    with plain Linears only (bitsandbytes layers may synchronise with the host)."""
+    without bitsandbytes int8 layers that split outlier columns off (a threshold above 0: that search
+    reads the GPU from the host). Their threshold-0 int8 and their nf4 matmuls are plain kernels."""
     return (
         x.is_cuda
         and not torch.cuda.is_current_stream_capturing()
-        and all(type(m) is nn.Linear for m in module.modules() if isinstance(m, nn.Linear))
+        and all(getattr(getattr(m, "state", None), "threshold", 0.0) == 0.0 for m in module.modules())
     )

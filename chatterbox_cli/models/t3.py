@@ -591,7 +591,13 @@ class DecodeStep:
             for buffer in (*static, self.key_valid):
                 torch._dynamo.mark_static_address(buffer)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: tuple[int, int] | None = None
+        # One graph memory pool per model, shared by every batch's graphs (they run one after another), so
+        # later batches reuse the memory of earlier ones instead of each leaving a pool of its own behind.
+        # A MemPool object keeps the pool alive between batches: a pool id whose graphs are all gone
+        # cannot be captured into again.
+        if self.graphed and model.decode_pool is None:
+            model.decode_pool = torch.cuda.MemPool()
+        self.pool = model.decode_pool.id if self.graphed else None
         self.mode = "torch.compile" if self.compiled else "cuda-graph" if self.graphed else "eager"
 
     @property
@@ -661,7 +667,6 @@ class DecodeStep:
             graph.register_generator_state(gen)  # the default generator registers itself
         with torch.cuda.graph(graph, pool=self.pool):
             self._advance()
-        self.pool = graph.pool()
         return graph
 
     def advance(self) -> None:
@@ -767,6 +772,7 @@ class T3(nn.Module):
         self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
         self.last_decode_mode = "none"  # how the last generate() ran its steps: eager, cuda-graph, ...
+        self.decode_pool: torch.cuda.MemPool | None = None  # CUDA-graph memory of decoding (DecodeStep)
 
     @property
     def device(self) -> torch.device:

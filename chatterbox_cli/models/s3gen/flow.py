@@ -79,6 +79,7 @@ class CausalCFM(nn.Module):
         self.cfg_rate = config.cfg_rate
         self.cuda_graph = True  # replay the estimator as a CUDA graph on CUDA (see forward)
         self.kept: tuple[tuple[object, ...], GraphedCall] | None = None  # (shape, graph), see keep_graph
+        self.pool: torch.cuda.MemPool | None = None  # one memory pool for the graphs of single calls
         self.estimator = ConditionalDecoder(
             in_channels=4 * config.mel_dim,
             out_channels=config.mel_dim,
@@ -122,7 +123,10 @@ class CausalCFM(nn.Module):
         for step, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=False)):
             args = (torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
             if use_graph and graphed is None and step == 1:
-                graphed = GraphedCall(self.estimator, *args)
+                # A kept graph has a pool of its own: a later call's graph must not reuse its memory.
+                if not keep_graph and self.pool is None:
+                    self.pool = torch.cuda.MemPool()
+                graphed = GraphedCall(self.estimator, *args, pool=None if keep_graph else self.pool.id)
                 if keep_graph:
                     self.kept = (shape, graphed)
             v = self.estimator(*args) if graphed is None else graphed(*args)
