@@ -111,8 +111,7 @@ class LoadedModel:
     @property
     def takes_turns(self) -> bool:
         """T3 and S3Gen take turns on the GPU (presets.Preset.take_turns); see `use`."""
-        preset = presets.PRESETS.get(self.preset)
-        return preset is not None and preset.take_turns and self.device.type == "cuda"
+        return takes_turns(self.decision)
 
     def use(self, part: str) -> None:
         """Give `part` ("t3" or "s3gen") its turn on the GPU, the other waiting in host memory, when the
@@ -264,6 +263,12 @@ def next_preset(preset: str) -> str | None:
 # --- loading ---------------------------------------------------------------------------------------------
 
 
+def takes_turns(decision: Decision) -> bool:
+    """Whether the decided preset has T3 and S3Gen take turns on the GPU (none to take on the CPU)."""
+    preset = presets.PRESETS.get(decision.preset)
+    return preset is not None and preset.take_turns and decision.device.type == "cuda"
+
+
 def flow_dtype(decision: Decision) -> torch.dtype:
     """The S3Gen flow's dtype: fp16 on a GPU (whatever T3 uses: its mel is 5x closer to fp32 than bf16's,
     0.65 % against 3.1 % relative error on the H100), the checkpoint's fp32 on the CPU."""
@@ -333,8 +338,7 @@ def load_decided(
     s3gen, flow_report, flow_cache = _load_s3gen(
         checkpoint.path("s3gen.safetensors"), decision, plan, use_cache, notify
     )
-    preset = presets.PRESETS.get(decision.preset)
-    if preset is not None and preset.take_turns and decision.device.type == "cuda":
+    if takes_turns(decision):
         from chatterbox_cli.quantize import move_module
 
         move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
@@ -479,13 +483,15 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     room = free * (1 - estimate.MARGIN_FRACTION)
     size = min(AUTO_BATCH_LIMIT, wanted)
+    # Taking turns, S3Gen's turn has T3's room (less its own weights) and the KV caches' to itself.
+    turns = model.takes_turns
+    swapped = _storage_bytes(model.t3) - _storage_bytes(model.s3gen) if turns else 0
 
     def fits(n: int) -> bool:
-        # S3Gen renders a whole group at once: its workspace grows with the group too. Taking turns, it has
-        # the GPU without T3 and the KV caches; otherwise it comes on top of them.
+        # S3Gen renders a whole group at once: its workspace grows with the group too; without turns it
+        # comes on top of T3 and the KV caches.
         s3gen = estimate.s3gen_workspace_bytes(max_tokens, n, cfg)
-        if model.takes_turns:
-            swapped = _storage_bytes(model.t3) - _storage_bytes(model.s3gen)
+        if turns:
             return n * per_chunk <= room and s3gen <= room + swapped
         return n * per_chunk + s3gen <= room
 
@@ -530,7 +536,7 @@ class ModelHolder:
     Everything that touches the GPU goes through here: loading, voice preparation, warm-up, speaking.
     On CUDA out-of-memory anywhere, what the failed attempt held is dropped and returned to the driver
     first, then the holder steps down, in this order: a smaller batch; voice preparation on the CPU; the
-    next preset down (presets.preset_names: fp16, bnb-8bit, bnb-4bit, then S3Gen on the CPU); with
+    next preset down (presets.preset_names: fp16, bnb-8bit, bnb-4bit, bnb-4bit-swap); with
     `--device auto`, the CPU. Speaking continues from the chunk that failed, with the same seeds. A forced
     `--preset`, a forced device at its last preset, or `--no-fallback` end in OutOfMemoryError (exit 4)
     with advice that names only what has not been tried.

@@ -13,17 +13,16 @@ import subprocess
 import sys
 from types import TracebackType
 
+from chatterbox_cli import vram
+
 GRAIN = 2 * 2**20  # cudaMalloc's granularity
 
 
 def nvml_free_bytes(index: int) -> int:
-    import pynvml
-
-    pynvml.nvmlInit()
-    try:
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).free)
-    finally:
-        pynvml.nvmlShutdown()
+    free = vram.free_bytes(index)
+    if free is None:
+        raise RuntimeError(f"NVML sees no GPU {index}")
+    return free
 
 
 def hold(free_gib: float, index: int = 0) -> None:
