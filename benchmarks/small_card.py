@@ -3,6 +3,8 @@
 For each N a holder process (chatterbox_cli.testing.gpu_holder) takes GPU memory until NVML reports N GiB
 free; then the real CLI runs as a subprocess (`python -m chatterbox_cli synthesize ... --json`) on:
   long      the 303-word, 20-sentence text in benchmarks/texts/small_card_long.txt (every N)
+  long-b1   the same with --batch 1, so memory after chunk 2 and after the last compare like with like
+            (N in --growth-at)
   sentence  one short sentence (N in --extra-at)
   voice     the long text's first three sentences with --voice clip.wav, an 8 s clip (N in --extra-at)
   batch     a 5-line file with --output-dir --split lines (N in --extra-at)
@@ -141,6 +143,12 @@ def synthesize(args: list[str], env: dict[str, str], timeout: float, cwd: Path) 
         "last_chunk": last,
         "growth_pct": round(100 * (after[last] / after[2] - 1), 2) if last and 2 in after else None,
         "torch_reserved_after_chunks_gib": [round(c["reserved_bytes"] / 2**30, 3) for c in chunks],
+        # per torch memory pool: [segments, reserved MiB] after chunk 2 and after the last chunk
+        "pools_chunk_2_and_last": [
+            {k: [v[0], round(v[1] / 2**20, 1)] for k, v in c.get("pools", {}).items()}
+            for c in chunks
+            if c["chunk"] in (2, last)
+        ],
         "traceback": "Traceback (most recent call last)" in err,
         "stderr_lines": len(err.splitlines()),
     }
@@ -154,6 +162,9 @@ def main() -> None:
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--free", default=",".join(map(str, FREE_GIB)), help="N values, GiB free (NVML)")
     parser.add_argument("--extra-at", default=",".join(map(str, EXTRA_AT)), help="N for sentence/voice/batch")
+    parser.add_argument("--extras", default="sentence,voice,batch", help="the scenarios run at --extra-at")
+    parser.add_argument("--no-long-at", default="", help="N where the long text is skipped (on the CPU)")
+    parser.add_argument("--growth-at", default="", help="N for the long text with --batch 1 (growth)")
     parser.add_argument("--presets", default=",".join(PRESETS), help="presets warmed (first audio alone)")
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
@@ -181,6 +192,7 @@ def main() -> None:
     common += args.options.split()
     scenarios = {
         "long": ["--input", str(work / "long.txt"), "-o", str(work / "long.wav")],
+        "long-b1": ["--input", str(work / "long.txt"), "-o", str(work / "long.wav"), "--batch", "1"],
         "sentence": [SENTENCE, "-o", str(work / "sentence.wav")],
         "voice": [
             ". ".join(LONG_TEXT.split(". ")[:3]) + ".",
@@ -220,8 +232,11 @@ def main() -> None:
         print(f"alone {preset}: exit {r['exit_code']} first audio {r['first_audio_s']}", file=sys.stderr)
         save()
     extra = {float(x) for x in args.extra_at.split(",") if x}
+    growth = {float(x) for x in args.growth_at.split(",") if x}
     for free in (float(x) for x in args.free.split(",") if x):
-        names = ["long"] + (["sentence", "voice", "batch"] if free in extra else [])
+        skip = {float(x) for x in args.no_long_at.split(",") if x}
+        names = ([] if free in skip else ["long"]) + (["long-b1"] if free in growth else [])
+        names += [n for n in args.extras.split(",") if n] if free in extra else []
         with HeldGpu(free) as held:
             for name in names:
                 if name == "batch":

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from chatterbox_cli import service  # noqa: E402
+from chatterbox_cli import oom, service  # noqa: E402
 from chatterbox_cli.models.sampling import SamplingSettings  # noqa: E402
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
 
@@ -207,7 +207,8 @@ def end_to_end(
     def length(chunk: str) -> int:
         return max(1, len(chunk.split()) * TOKENS_PER_WORD)
 
-    out["warm_up_s"] = round(service.warm_up(model, conds), 3)  # as `synthesize` does after loading
+    first, _ = pipeline.prepare_chunks(model.tokenizer, text_of(next(iter(sizes.values()))))
+    out["warm_up_s"] = round(service.warm_up(model, conds, first[0], settings), 3)  # as `synthesize` does
     for name, words in sizes.items():
         chunks, _ = pipeline.prepare_chunks(model.tokenizer, text_of(words))
         batch, why = service.batch_size(model, request, len(chunks))
@@ -218,7 +219,7 @@ def end_to_end(
         first = None
         first_piece: dict[str, object] = {}
         audio = t3_s = s3gen_s = 0.0
-        early = pipeline.EARLY_TOKENS if model.device.type == "cuda" else 0  # as service.speak does
+        early = model.early_tokens  # as service.ModelHolder.speak does
         for chunk in pipeline.synthesize(
             model, chunks, conds, settings, batch_size=batch, fixed_length=length, early_tokens=early
         ):
@@ -451,7 +452,7 @@ def main() -> None:
         sys.path.insert(0, args.reference_site)
         out["reference"] = reference_t3(folder, args.tokens, args.device)
         out["ratios_vs_reference_fp32"] = {}
-        service._free_cuda()
+        oom.release_cuda()
         save()
     ours: dict[str, dict] = out["ours"]  # type: ignore[assignment]
     for preset in filter(None, args.presets.split(",")):
@@ -459,7 +460,7 @@ def main() -> None:
         modes = args.modes.split(",") if fp16 else ["cuda-graph"]
         batches = [int(b) for b in args.batches.split(",")] if fp16 and args.batches else []
         ours[preset] = ours_t3(folder, preset, args.tokens, args.device, modes, batches)
-        service._free_cuda()
+        oom.release_cuda()
         if args.reference_site:
             ratio = ours[preset]["tokens_per_s"] / out["reference"]["tokens_per_s"]  # type: ignore[index]
             out["ratios_vs_reference_fp32"][preset] = round(ratio, 2)  # type: ignore[index]
@@ -470,7 +471,7 @@ def main() -> None:
     if args.s3gen_profile:
         shapes = [tuple(int(v) for v in p.split("x")) for p in args.s3gen_profile.split(",")]
         out["s3gen_profile"] = s3gen_profile(folder, args.device, shapes)  # type: ignore[arg-type]
-        service._free_cuda()
+        oom.release_cuda()
         save()
     if args.e2e:
         specs = [p.split(":") for p in args.e2e.split(",")]  # name:words or name:words:batch
@@ -479,11 +480,11 @@ def main() -> None:
         out["end_to_end"] = {}
         for n in args.flow_steps.split(","):
             out["end_to_end"][f"flow_steps_{n}"] = end_to_end(folder, args.device, int(n), sizes, forced)  # type: ignore[index]
-            service._free_cuda()
+            oom.release_cuda()
             save()
     if args.s3gen_checks:
         out["s3gen"] = s3gen_checks(folder, args.device)
-        service._free_cuda()
+        oom.release_cuda()
     save()
     print(json.dumps(out, indent=2))
 

@@ -26,6 +26,7 @@ from chatterbox_cli.checkpoint import DTYPE_BYTES, TensorInfo, safetensors_heade
 from chatterbox_cli.errors import CheckpointError, UsageError
 from chatterbox_cli.presets import (
     COMPONENT_SOURCES,
+    EARLY_TOKENS,
     NF4_BLOCKSIZE,
     NF4_NESTED_BLOCKSIZE,
     Component,
@@ -360,11 +361,10 @@ def estimate_plan(
         resident = t3_weights
         components["s3gen"].resident = False
     else:
-        from chatterbox_cli.pipeline import EARLY_TOKENS
-
         # The first chunk's early piece is rendered while T3 holds that chunk's KV cache (vocoder on the GPU).
+        early_tokens = preset.early_tokens if preset is not None else EARLY_TOKENS
         early_kv = kv_cache_bytes(shape, max_tokens, 1, cfg, text_tokens)
-        early = early_kv + s3gen_workspace_bytes(EARLY_TOKENS, 1, cfg)
+        early = early_kv + s3gen_workspace_bytes(early_tokens, 1, cfg) if early_tokens else 0
         workspace = max(t3_ws - parked, s3_ws - kv, early - kv, 0)
         resident = t3_weights + s3gen_weights
     voice_prep = components["voice_encoder"].weights_bytes

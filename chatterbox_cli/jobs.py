@@ -327,8 +327,9 @@ class _Runner:
         run.voice_s = time.perf_counter() - started
         if job.save_voice is not None:
             self.save_voice(job.save_voice)
-        if any(chunks for _, chunks in work):
-            run.warm_up_s = self.holder.warm_up(self.conds)
+        first_chunk = next((chunks[0] for _, chunks in work if chunks), None)
+        if first_chunk is not None:
+            run.warm_up_s = self.holder.warm_up(self.conds, first_chunk, self.settings)
 
         self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))
         run.synth_started = time.perf_counter()

@@ -28,10 +28,10 @@ from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chars_in_vocab, chunk_text, 
 
 SAMPLE_RATE = 24_000
 MAX_SEED = 2**63 - 1
-# Early audio: the first chunk's first EARLY_TOKENS speech tokens are rendered while T3 goes on; the last
-# EARLY_LOOKAHEAD of them wait for the whole chunk (the flow looks at context on both sides), and the
-# early piece hands over to the whole-chunk rendering with a CROSSFADE_MS crossfade.
-EARLY_TOKENS = 48
+# Early audio: the first chunk's first `early_tokens` speech tokens (presets.Preset.early_tokens) are
+# rendered while T3 goes on; the last EARLY_LOOKAHEAD of them wait for the whole chunk (the flow looks at
+# context on both sides), and the early piece hands over to the whole-chunk rendering with a CROSSFADE_MS
+# crossfade.
 EARLY_LOOKAHEAD = 8
 CROSSFADE_MS = 20.0
 
@@ -172,15 +172,22 @@ def describe_chars(chars: Sequence[str], limit: int = 12) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def _text_tokens(tokenizer: EnTokenizer, chunk: str) -> tuple[torch.Tensor, list[str]]:
-    """Start/stop-wrapped token ids of the normalized chunk, without characters that would become [UNK]."""
+def text_tokens(tokenizer: EnTokenizer, chunk: str, index: int, limit: int) -> tuple[torch.Tensor, list[str]]:
+    """Start/stop-wrapped token ids of the normalized chunk, without characters that would become [UNK],
+    and the characters dropped. UsageError if there are more than `limit` (T3's text positions)."""
     normalized = normalize(chunk)
     report = tokenizer.encode_report(normalized)
     dropped = [*report.unknown_chars, *[c for c in report.dropped_chars if not c.isspace()]]
     if report.unknown_chars:
         unknown = set(report.unknown_chars)
         normalized = " ".join("".join(c for c in normalized if c not in unknown).split())
-    return tokenizer.text_to_tokens(normalized), dropped
+    tokens = tokenizer.text_to_tokens(normalized)
+    if tokens.numel() > limit:
+        raise UsageError(
+            f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's {limit}; "
+            "cut the text into shorter sentences"
+        )
+    return tokens, dropped
 
 
 # --------------------------------------------------------------------------------------------------
@@ -242,13 +249,7 @@ def synthesize(
     for group in batch_groups(len(chunks), batch_size):
         indices = [first_index + i for i in group]
         texts = [chunks[i] for i in group]
-        prepared = [_text_tokens(model.tokenizer, chunk) for chunk in texts]
-        for index, (tokens, _) in zip(indices, prepared, strict=True):
-            if tokens.numel() > text_limit:
-                raise UsageError(
-                    f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's "
-                    f"{text_limit}; cut the text into shorter sentences"
-                )
+        prepared = [text_tokens(model.tokenizer, chunks[i], first_index + i, text_limit) for i in group]
         model.use("t3")  # its turn on the GPU, when T3 and S3Gen take turns (service.LoadedModel.use)
         seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]

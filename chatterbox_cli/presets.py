@@ -70,6 +70,9 @@ MIN_IN_FEATURES = 64
 # weights (emotion_adv_fc, encoder_proj, spk_embed_affine_layer, f0 classifier, m_source, quantizer
 # project_down) hold 68 k weights together; quantizing them saves < 0.1 MB and adds kernel launches.
 MIN_QUANT_PARAMS = 65_536
+# The first chunk's early piece (Preset.early_tokens): 48 speech tokens, 1.6 s of audio after the flow's
+# lookahead, come out while T3 decodes the rest of the chunk.
+EARLY_TOKENS = 48
 # LLM.int8() outlier threshold. With 1 % of input features 20x larger than the rest (outlier features as
 # Llama-style residual streams develop), threshold 0 gave 3.8-5.0 % error, threshold 6.0 gave 0.9-1.1 %
 # (table above). But on the H100 (2026-11-25, benchmarks/memory.py) threshold 6.0 decoded T3 at 6.5 tokens/s
@@ -144,6 +147,11 @@ class Preset:
     # each group of chunks. GPU memory is then the larger of the two turns instead of their sum; the first
     # chunk has no early piece (it would need both at once). The step below the all-resident presets.
     take_turns: bool = False
+    # Speech tokens of the first chunk rendered early, while T3 decodes the rest (pipeline.synthesize), on
+    # a GPU; 0: none. Fewer where decoding is slower, so that first audio comes as soon: bitsandbytes int8
+    # decodes at about half fp16's speed (README, Performance). Taking turns has none: it would need T3
+    # and S3Gen on the GPU at once.
+    early_tokens: int = EARLY_TOKENS
 
     @property
     def available(self) -> bool:
@@ -168,6 +176,7 @@ PRESETS: dict[str, Preset] = {
             2,
             {"t3": "int8", "flow": "int8"},
             park_vocoder=True,
+            early_tokens=24,
         ),
         Preset(
             "bnb-4bit",
@@ -183,6 +192,7 @@ PRESETS: dict[str, Preset] = {
             0,
             {"t3": "nf4", "flow": "int8"},
             take_turns=True,
+            early_tokens=0,
         ),
     )
 }

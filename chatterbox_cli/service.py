@@ -113,6 +113,13 @@ class LoadedModel:
         """T3 and S3Gen take turns on the GPU (presets.Preset.take_turns); see `use`."""
         return takes_turns(self.decision)
 
+    @property
+    def early_tokens(self) -> int:
+        """Speech tokens of the first chunk rendered early (presets.Preset.early_tokens); 0 on the CPU, where
+        that extra rendering would cost more than it brings forward."""
+        preset = presets.PRESETS.get(self.decision.preset)
+        return preset.early_tokens if preset is not None and self.device.type == "cuda" else 0
+
     def use(self, part: str) -> None:
         """Give `part` ("t3" or "s3gen") its turn on the GPU, the other waiting in host memory, when the
         model takes turns; otherwise both stay where they are."""
@@ -438,24 +445,39 @@ def _voice_from_clip(
 # --- speech ----------------------------------------------------------------------------------------------
 
 
-def warm_up(model: LoadedModel, conds: Conditionals) -> float:
-    """On a GPU, run T3 and S3Gen once at the shapes of a first chunk's early piece, so the first audio of
-    a run does not wait for one-time work (kernel selection, attention plans, allocator growth). Returns
-    the seconds it took (0 on the CPU, where there is nothing to gain)."""
+def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings: SynthesisSettings) -> float:
+    """On a GPU, run T3 and S3Gen once at the shapes of the first chunk's early piece (its prompt length,
+    its KV-cache capacity from `settings.max_tokens`, the early piece's length), so the first audio of a
+    run does not wait for one-time work at those shapes (kernel selection and loading, attention plans,
+    allocator growth). Returns the seconds it took (0 on the CPU, where there is nothing to gain)."""
     from chatterbox_cli import pipeline
     from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE
 
     if model.device.type != "cuda":
         return 0.0
     started = time.perf_counter()
-    n, generator = pipeline.EARLY_TOKENS, torch.Generator(model.device).manual_seed(0)
-    text = model.tokenizer.text_to_tokens("Warming up.")
+    # Taking turns has no early piece: its first S3Gen call renders a whole chunk; warm one of 48 tokens.
+    n = model.early_tokens or presets.EARLY_TOKENS
+    generator = torch.Generator(model.device).manual_seed(0)
+    text, _ = pipeline.text_tokens(model.tokenizer, first_chunk, 0, model.t3.config.text_positions)
     model.use("t3")
-    model.t3.generate(text, conds.t3, max_new_tokens=n, generator=generator, ignore_stop=True)
+    cond = conds.t3.to(model.device)
+    decoding = model.t3.start_batch(
+        [text],
+        cond,
+        max_new_tokens=settings.max_tokens,
+        cfg_weight=settings.cfg_weight,
+        sampling=settings.sampling(),
+        generators=[generator],
+        ignore_stop=True,
+    )
+    decoding.run(until=n)
+    del decoding
     model.use("s3gen")
     tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
     gen = conds.gen.to(model.device, model.flow_dtype)
     model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=not model.takes_turns)
+    model.use("t3")  # the first chunk starts with T3: its move is not part of the first audio
     torch.cuda.synchronize(model.device)
     return time.perf_counter() - started
 
@@ -509,11 +531,20 @@ def _storage_bytes(module: torch.nn.Module) -> int:
 
 def trace_memory(model: LoadedModel, chunk: int) -> None:
     """With CHATTERBOX_MEMORY_TRACE=FILE, append this process's GPU memory after chunk `chunk` (1-based) to
-    FILE as a JSON line: what benchmarks/small_card.py reads to see whether memory grows with the chunks."""
+    FILE as a JSON line: what benchmarks/small_card.py reads to see whether memory grows with the chunks,
+    and in which of torch's memory pools (the general one, "0,0"; CUDA-graph pools by id)."""
     path = os.environ.get("CHATTERBOX_MEMORY_TRACE")
     if not path or model.device.type != "cuda":
         return
     index = model.device.index or 0
+    pools: dict[str, list[int]] = {}  # pool id -> [segments, reserved bytes, allocated bytes]
+    for segment in torch.cuda.memory_snapshot():
+        if segment["device"] != index:
+            continue
+        pool = pools.setdefault(",".join(map(str, segment["segment_pool_id"])), [0, 0, 0])
+        pool[0] += 1
+        pool[1] += segment["total_size"]
+        pool[2] += segment["allocated_size"]
     record = {
         "chunk": chunk,
         "time": time.time(),
@@ -521,6 +552,7 @@ def trace_memory(model: LoadedModel, chunk: int) -> None:
         "allocated_bytes": torch.cuda.memory_allocated(index),
         "reserved_bytes": torch.cuda.memory_reserved(index),
         "nvml_process_bytes": estimate.nvml_process_bytes(index, os.getpid()),
+        "pools": pools,
     }
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
@@ -570,8 +602,8 @@ class ModelHolder:
             lambda: voice(self.model, source, exaggeration, self.notify, self.voice_device),
         )
 
-    def warm_up(self, conds: Conditionals) -> float:
-        return self._attempt("warming up", lambda: warm_up(self.model, conds))
+    def warm_up(self, conds: Conditionals, first_chunk: str, settings: SynthesisSettings) -> float:
+        return self._attempt("warming up", lambda: warm_up(self.model, conds, first_chunk, settings))
 
     def _attempt(self, stage: str, work: Callable[[], T]) -> T:
         while True:
@@ -656,11 +688,8 @@ class ModelHolder:
                 size, why = self.batch_cap, f"batch {self.batch_cap} after running out of memory"
             if size > 1:
                 self.notify(why)
-            # On a GPU the first chunk's first words are rendered while T3 goes on (see pipeline.synthesize);
-            # on the CPU that extra rendering would cost more than it brings forward.
-            first = done == 0 and not written
-            early_ok = model.device.type == "cuda" and not model.takes_turns  # T3 and S3Gen both on the GPU
-            early = pipeline.EARLY_TOKENS if early_ok and first else 0
+            # The first chunk's first words are rendered while T3 goes on (see pipeline.synthesize).
+            early = model.early_tokens if done == 0 and not written else 0
             pieces = pipeline.synthesize(
                 model, chunks[done:], conds, settings, first_index=done, batch_size=size, early_tokens=early
             )

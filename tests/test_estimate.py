@@ -196,6 +196,15 @@ def test_parked_vocoder_is_off_the_gpu_while_t3_decodes(official: tuple[Path, di
     assert nf4.workspace_bytes == max(t3_ws - hift, s3_ws - nf4.kv_cache_bytes, early, 0)
 
 
+def test_the_early_piece_counted_is_the_presets_own(official: tuple[Path, dict]) -> None:
+    """bnb-8bit renders 24 early tokens (presets.Preset.early_tokens): with a short --max-tokens the early
+    piece is the largest S3Gen workspace, so its length decides the estimate."""
+    folder, _ = official
+    int8 = est.estimate(folder, "bnb-8bit", max_tokens=16).presets["bnb-8bit"]
+    early = est.s3gen_workspace_bytes(24, 1, True)
+    assert int8.workspace_bytes == early > est.s3gen_workspace_bytes(16, 1, True)
+
+
 # The full-size English T3 as its official header gives it (checked below), and the calibration run's
 # shape: one 1,000-token utterance, a 300-token text, CFG on, batch 1.
 ENGLISH_T3 = est.T3Shape(

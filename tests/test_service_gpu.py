@@ -77,9 +77,9 @@ def test_the_default_path_speaks_a_paragraph(full_checkpoint: Path) -> None:
     """What `synthesize` does on a GPU with room: auto preset and batch, warm-up, the early piece first."""
     holder = service.ModelHolder(service.LoadRequest(model=str(full_checkpoint), batch=0, max_tokens=120))
     conds = holder.voice(None, 0.5)
-    assert holder.warm_up(conds) > 0
     chunks, _ = pipeline.prepare_chunks(holder.model.tokenizer, PARAGRAPH)
     settings = SynthesisSettings(seed=4, max_tokens=120)
+    assert holder.warm_up(conds, chunks[0], settings) > 0
     pieces = list(holder.speak(chunks, conds, settings))
     assert holder.model.preset == "fp16" and holder.model.device.type == "cuda"
     assert [(p.index, p.final) for p in pieces[:2]] == [(0, False), (0, True)]  # the early piece

@@ -597,6 +597,7 @@ class DecodeStep:
         # cannot be captured into again.
         if self.graphed and model.decode_pool is None:
             model.decode_pool = torch.cuda.MemPool()
+            model.warm_stream = torch.cuda.Stream(device)
         self.pool = model.decode_pool.id if self.graphed else None
         self.mode = "torch.compile" if self.compiled else "cuda-graph" if self.graphed else "eager"
 
@@ -657,7 +658,8 @@ class DecodeStep:
         # A warm-up of the backbone alone (lazy init, cuBLAS workspaces, attention plans for this batch)
         # writes garbage keys/values at the current column only, which the next real step overwrites
         # before anything reads it, and draws no random numbers.
-        side = torch.cuda.Stream(self.model.device)
+        side = self.model.warm_stream
+        assert side is not None
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             self._decode()
@@ -773,6 +775,10 @@ class T3(nn.Module):
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
         self.last_decode_mode = "none"  # how the last generate() ran its steps: eager, cuda-graph, ...
         self.decode_pool: torch.cuda.MemPool | None = None  # CUDA-graph memory of decoding (DecodeStep)
+        # The side stream of every capture's warm-up. One per model: freed blocks are cached for the stream
+        # that used them, and cuBLAS keeps a workspace per stream, so a new stream per batch left about
+        # 20 MiB behind at every chunk (H100, benchmarks/small_card.py).
+        self.warm_stream: torch.cuda.Stream | None = None
 
     @property
     def device(self) -> torch.device:
