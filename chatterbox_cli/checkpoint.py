@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, UsageError
+from chatterbox_cli.variants import ENGLISH, Variant, variant_of_folder
 
 if TYPE_CHECKING:
     import torch
@@ -79,8 +80,8 @@ def safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-DEFAULT_REPO = "ResembleAI/chatterbox"
-REQUIRED_FILES = ("t3_cfg.safetensors", "s3gen.safetensors", "ve.safetensors", "tokenizer.json", "conds.pt")
+DEFAULT_REPO = "ResembleAI/chatterbox"  # both variants' files live in this one repo
+REQUIRED_FILES = ENGLISH.all_files
 
 CheckpointSource = Literal["local", "hub-cache", "download"]
 
@@ -98,6 +99,7 @@ class Checkpoint:
     source: CheckpointSource
     repo_id: str | None = None
     revision: str | None = None  # the commit hash for hub checkpoints, where known
+    variant: Variant = ENGLISH
 
     def path(self, name: str) -> Path:
         return self.folder / name
@@ -142,7 +144,7 @@ def hub_offline() -> bool:
 def download_command(
     repo_id: str,
     revision: str | None = None,
-    files: tuple[str, ...] = REQUIRED_FILES,
+    files: tuple[str, ...] = ENGLISH.all_files,
     local_dir: Path | None = None,
     force: bool = False,
 ) -> str:
@@ -165,55 +167,63 @@ def _how_to_get(
     files: tuple[str, ...],
     local_dir: Path | None = None,
     force: bool = False,
+    variant: Variant = ENGLISH,
 ) -> str:
     where = f"into {local_dir}" if local_dir is not None else f"into the hub cache at {hub_cache_dir()}"
     return (
         f"Get them with `{download_command(repo_id, revision, files, local_dir, force)}` ({where}; needs "
-        f"network access), or pass --model /path/to/folder holding {', '.join(REQUIRED_FILES)}."
+        f"network access), or pass --model /path/to/folder holding {', '.join(variant.all_files)}."
     )
 
 
-def _missing_files(folder: Path) -> tuple[str, ...]:
-    return tuple(name for name in REQUIRED_FILES if not (folder / name).is_file())
+def _missing_files(folder: Path, variant: Variant) -> tuple[str, ...]:
+    return tuple(name for name in variant.all_files if not (folder / name).is_file())
 
 
-def _resolve_local(model: str) -> Checkpoint:
+def _resolve_local(model: str, variant: Variant) -> Checkpoint:
     folder = Path(model).expanduser()
     if not folder.is_dir():
         what = "is a file, not a folder" if folder.exists() else "does not exist"
         raise CheckpointError(
-            f"--model {model}: {folder} {what}. Pass a folder holding {', '.join(REQUIRED_FILES)}, "
+            f"--model {model}: {folder} {what}. Pass a folder holding {', '.join(variant.all_files)}, "
             f"or a model hub repo id such as {DEFAULT_REPO}."
         )
-    missing = _missing_files(folder)
+    missing = _missing_files(folder, variant)
     if missing:
-        raise CheckpointError(
-            f"checkpoint folder {folder} lacks {', '.join(missing)}. "
-            + _how_to_get(DEFAULT_REPO, None, missing, local_dir=folder)
+        other = variant_of_folder({p.name for p in folder.iterdir()})
+        hint = (
+            f" It holds the {other.name} checkpoint: pass --variant {other.name}, or"
+            if other is not None and other != variant
+            else ""
         )
-    return Checkpoint(folder=folder.resolve(), source="local")
+        raise CheckpointError(
+            f"checkpoint folder {folder} lacks {', '.join(missing)} of the {variant.name} model.{hint} "
+            + _how_to_get(DEFAULT_REPO, None, missing, local_dir=folder, variant=variant)
+        )
+    return Checkpoint(folder=folder.resolve(), source="local", variant=variant)
 
 
 def _from_cache(
-    repo_id: str, revision: str | None, cache_dir: Path
+    repo_id: str, revision: str | None, cache_dir: Path, variant: Variant
 ) -> tuple[Checkpoint | None, tuple[str, ...]]:
-    """The cached snapshot holding every required file, or None and the files the cache lacks."""
+    """The cached snapshot holding every file of `variant`, or None and the files the cache lacks."""
     from huggingface_hub import try_to_load_from_cache
 
     found: dict[str, Path] = {}
-    for name in REQUIRED_FILES:
+    for name in variant.all_files:
         hit = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir, revision=revision)
         if isinstance(hit, str) and Path(hit).is_file():
             found[name] = Path(hit)
-    missing = tuple(n for n in REQUIRED_FILES if n not in found)
+    missing = tuple(n for n in variant.all_files if n not in found)
     folders = {p.parent for p in found.values()}
     if missing or len(folders) != 1:
-        return None, missing or REQUIRED_FILES
+        return None, missing or variant.all_files
     folder = folders.pop()
-    return Checkpoint(folder=folder, source="hub-cache", repo_id=repo_id, revision=folder.name), ()
+    checkpoint = Checkpoint(folder, "hub-cache", repo_id=repo_id, revision=folder.name, variant=variant)
+    return checkpoint, ()
 
 
-def _download(repo_id: str, revision: str | None, cache_dir: Path, progress: bool) -> Path:
+def _download(repo_id: str, revision: str | None, cache_dir: Path, progress: bool, variant: Variant) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
@@ -223,7 +233,7 @@ def _download(repo_id: str, revision: str | None, cache_dir: Path, progress: boo
     try:
         return Path(
             snapshot_download(
-                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(REQUIRED_FILES)
+                repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=list(variant.all_files)
             )
         )
     finally:
@@ -236,8 +246,10 @@ def resolve_checkpoint(
     revision: str | None = None,
     allow_download: bool = True,
     progress: bool = True,
+    variant: Variant = ENGLISH,
 ) -> Checkpoint:
     """Find the checkpoint `model` names: an existing folder, else a hub repo in the cache, else a download.
+    The files looked for are `variant`'s (variants.Variant.all_files).
 
     Raises CheckpointError (exit code 3) naming what is missing and the command that gets it.
     """
@@ -246,54 +258,55 @@ def resolve_checkpoint(
     if Path(model).expanduser().is_dir() or looks_like_path(model):
         if revision is not None and Path(model).expanduser().is_dir():
             raise UsageError(f"--revision {revision} applies to hub repos, not to the folder {model}")
-        return _resolve_local(model)
+        return _resolve_local(model, variant)
 
     repo_id = model
     cache_dir = hub_cache_dir()
     try:
-        checkpoint, missing = _from_cache(repo_id, revision, cache_dir)
+        checkpoint, missing = _from_cache(repo_id, revision, cache_dir, variant)
     except HFValidationError as e:
         raise CheckpointError(
             f"--model {model}: no such folder, and not a valid model hub repo id ({e}). Pass a folder "
-            f"holding {', '.join(REQUIRED_FILES)}, or a repo id such as {DEFAULT_REPO}."
+            f"holding {', '.join(variant.all_files)}, or a repo id such as {DEFAULT_REPO}."
         ) from e
     if checkpoint is not None:
         return checkpoint
 
     rev = f" (revision {revision})" if revision else ""
-    partial = "" if len(missing) == len(REQUIRED_FILES) else f" (missing: {', '.join(missing)})"
+    partial = "" if len(missing) == len(variant.all_files) else f" (missing: {', '.join(missing)})"
     not_cached = f"{repo_id}{rev} is not in the hub cache at {cache_dir}{partial}"
     if model != DEFAULT_REPO and "/" in model:
         not_cached += f", and there is no folder {model}"
     if not allow_download:
         raise NotDownloadedError(
-            f"{not_cached}; downloading was not allowed. " + _how_to_get(repo_id, revision, missing)
+            f"{not_cached}; downloading was not allowed. "
+            + _how_to_get(repo_id, revision, missing, variant=variant)
         )
     if hub_offline():
         raise NotDownloadedError(
             f"{not_cached}, and HF_HUB_OFFLINE is set, so it cannot be downloaded (unset HF_HUB_OFFLINE to "
-            "allow that). " + _how_to_get(repo_id, revision, missing)
+            "allow that). " + _how_to_get(repo_id, revision, missing, variant=variant)
         )
     try:
-        folder = _download(repo_id, revision, cache_dir, progress)
+        folder = _download(repo_id, revision, cache_dir, progress, variant)
     except (LocalEntryNotFoundError, HfHubHTTPError, HFValidationError) as e:
         raise CheckpointError(
             f"{not_cached}, and downloading it failed: {type(e).__name__}: {e}\n"
-            + _how_to_get(repo_id, revision, missing)
+            + _how_to_get(repo_id, revision, missing, variant=variant)
         ) from e
     except OSError as e:
         raise ChatterboxError(
             f"could not write {repo_id} into the hub cache at {cache_dir}: {e}. Free disk space or point "
             "HF_HUB_CACHE at a folder with room."
         ) from e
-    still_missing = _missing_files(folder)
+    still_missing = _missing_files(folder, variant)
     if still_missing:
         raise CheckpointError(
             f"{repo_id}{rev} was downloaded to {folder} but lacks {', '.join(still_missing)}: it is not a "
             f"Chatterbox checkpoint. Pass --model {DEFAULT_REPO} or a folder holding "
-            f"{', '.join(REQUIRED_FILES)}."
+            f"{', '.join(variant.all_files)}."
         )
-    return Checkpoint(folder=folder, source="download", repo_id=repo_id, revision=folder.name)
+    return Checkpoint(folder, "download", repo_id=repo_id, revision=folder.name, variant=variant)
 
 
 def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
@@ -305,7 +318,8 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
     bad: list[str] = []
     headers: dict[str, dict[str, TensorInfo]] = {}
     first_cause: BaseException | None = None
-    for name in REQUIRED_FILES:
+    variant = checkpoint.variant
+    for name in variant.all_files:
         p = checkpoint.path(name)
         if not p.is_file():
             problems.append(f"{name} is missing")
@@ -316,10 +330,12 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
                 headers[name] = safetensors_header(p)
                 if not headers[name]:
                     raise CheckpointError(f"{p} holds no tensors")
-            elif name == "tokenizer.json":
+            elif name == variant.file("tokenizer"):
                 _check_tokenizer_json(p)
-            elif name == "conds.pt":
+            elif name.endswith(".pt"):
                 _check_torch_zip(p)
+            elif name.endswith(".json"):
+                _check_json(p)
         except CheckpointError as e:
             problems.append(str(e))
             bad.append(name)
@@ -327,9 +343,11 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
     if problems:
         where = checkpoint.repo_id or str(checkpoint.folder)
         fix = (
-            _how_to_get(checkpoint.repo_id, checkpoint.revision, tuple(bad), force=True)
+            _how_to_get(checkpoint.repo_id, checkpoint.revision, tuple(bad), force=True, variant=variant)
             if checkpoint.repo_id
-            else _how_to_get(DEFAULT_REPO, None, tuple(bad), local_dir=checkpoint.folder, force=True)
+            else _how_to_get(
+                DEFAULT_REPO, None, tuple(bad), local_dir=checkpoint.folder, force=True, variant=variant
+            )
         )
         raise CheckpointError(
             f"checkpoint {where} ({checkpoint.folder}) is not usable:\n  - "
@@ -340,11 +358,15 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
     return headers
 
 
-def _check_tokenizer_json(path: Path) -> None:
+def _check_json(path: Path) -> object:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e})") from e
+
+
+def _check_tokenizer_json(path: Path) -> None:
+    data = _check_json(path)
     if not isinstance(data, dict) or "model" not in data:
         raise CheckpointError(f'{path} is JSON but not a tokenizers file (no "model" key)')
 
@@ -358,6 +380,54 @@ def _check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path} is not a torch.save archive ({e})") from e
     if not any(n == "data.pkl" or n.endswith("/data.pkl") for n in names):
         raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
+
+
+_TORCH_DTYPE_NAMES = {
+    "torch.float64": "F64",
+    "torch.float32": "F32",
+    "torch.float16": "F16",
+    "torch.bfloat16": "BF16",
+    "torch.int64": "I64",
+    "torch.int32": "I32",
+    "torch.int16": "I16",
+    "torch.int8": "I8",
+    "torch.uint8": "U8",
+    "torch.bool": "BOOL",
+}
+
+
+def read_torch_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict saved with torch.save (`s3gen.pt`, `ve.pt`), read with `weights_only=True`: tensors and
+    plain containers only, never an arbitrary unpickle. Memory-mapped: nothing is read until used, so the
+    shapes cost no I/O. CheckpointError (exit 3) if the file is refused or is not a flat tensor dict."""
+    import pickle
+
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} holds more than tensors, so it is not read (torch.load with weights_only=True refused "
+            f"it: {first}). Official Chatterbox files load this way: download it again"
+        ) from e
+    except (OSError, RuntimeError, EOFError) as e:
+        raise CheckpointError(f"{path} cannot be read as a torch.save file ({e}); download it again") from e
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise CheckpointError(f"{path} is not a state dict (names to tensors); is it a Chatterbox file?")
+    return state
+
+
+def tensor_infos(path: Path) -> dict[str, TensorInfo]:
+    """Tensor names, dtypes and shapes of a checkpoint file, .safetensors (its header) or .pt (mapped)."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        return safetensors_header(path)
+    state = read_torch_state_dict(path)
+    return {name: TensorInfo(_TORCH_DTYPE_NAMES[str(t.dtype)], tuple(t.shape)) for name, t in state.items()}
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:

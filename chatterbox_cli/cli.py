@@ -168,6 +168,29 @@ def probe_vram(
         raise typer.Exit(int(ExitCode.FAILED))
 
 
+@app.command()
+def languages(
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (schema in README).")
+    ] = False,
+) -> None:
+    """List the languages of the multilingual model, and whether the optional package each needs is
+    installed."""
+    from chatterbox_cli.languages import LANGUAGES, extra_installed
+
+    rows = [
+        {"code": lang.code, "name": lang.name, "extra": lang.extra, "installed": extra_installed(lang)}
+        for lang in LANGUAGES.values()
+    ]
+    if json_out:
+        emit_json({"schema_version": 1, "variant": "multilingual", "languages": rows})
+        return
+    for row in rows:
+        needs = "" if row["extra"] is None else f"needs pip install 'chatterbox-cli[{row['extra']}]'"
+        state = "" if row["installed"] else " (not installed)"
+        typer.echo(f"{row['code']}  {row['name']:<11} {needs}{state}".rstrip())
+
+
 # --------------------------------------------------------------------------------------------------
 # synthesize / estimate
 

@@ -5,6 +5,11 @@ with the tokenizer's character set, then `chunk_text` (or `split_items` first fo
 then `normalize` on each chunk right before tokenising it. `chunk_text` keeps the user's wording (only
 whitespace is collapsed) so manifests show what was asked for; its token bound is checked on the
 normalized form of every chunk, which is what T3 actually sees.
+
+`normalize`, `estimate_tokens`, `split_sentences` and `chunk_text` take an optional `language` (one of
+the multilingual model's codes). None and "en" mean the English behaviour, unchanged; any other code
+adds the sentence ends of other scripts (CJK 。！？, Arabic ؟ ۔, Devanagari । ॥, and ; in Greek), a
+per-character token estimate for non-Latin scripts, and the multilingual reference's clean-up.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable, Iterable
 from typing import Literal
 
 from chatterbox_cli.errors import UsageError
+from chatterbox_cli.languages import LANGUAGES
 
 TokenCounter = Callable[[str], int]
 
@@ -50,21 +56,58 @@ _PUNCTUATION_REWRITES: tuple[tuple[str, str], ...] = (
 _ACCEPTED_ENDINGS = (".", "!", "?", "-", ",")
 
 
-def normalize(text: str) -> str:
+# The multilingual reference (mtl_tts.py punc_norm) also accepts these CJK marks as endings.
+_CJK_ACCEPTED_ENDINGS = ("\u3001", "\uff0c", "\u3002", "\uff1f", "\uff01")  # 、，。？！
+# Our addition: a sentence already closed by its own script's mark gets no Latin period after it.
+_SCRIPT_ACCEPTED_ENDINGS = ("\u061f", "\u06d4", "\u0964", "\u0965")  # ؟ ۔ । ॥
+# Greek writes its question mark as ";" (U+037E, which NFC turns into ";"): keep it, do not make it ", ".
+_GREEK_QUESTION_MARKS = (";", "\u037e")
+
+
+def language_code(language: str | None) -> str | None:
+    """The lower-case code of `language`, or None for English (None or "en"); ValueError if unknown.
+
+    English is one code path everywhere in this module, the one of the English-only model.
+    """
+    if language is None:
+        return None
+    code = language.lower()
+    if code not in LANGUAGES:
+        raise ValueError(f"unknown language {language!r}; expected one of {', '.join(LANGUAGES)}")
+    return None if code == "en" else code
+
+
+def normalize(text: str, language: str | None = None) -> str:
     """The reference's punctuation clean-up, applied to one chunk right before tokenisation.
 
     Note the reference's quirks, kept for parity: an empty string becomes a fixed English sentence,
     and only a lower-case *first character* is capitalised (before leading spaces are removed).
+
+    With a `language` other than English this is the multilingual reference's version, which also
+    accepts 、，。？！ as endings, with two deliberate differences: a chunk ending in ؟ ۔ । or ॥ gets no
+    "." appended, and in Greek ";" (the question mark) is kept instead of becoming ", ".
     """
+    code = language_code(language)
+    if code is None:
+        return _punc_norm(text, _PUNCTUATION_REWRITES, _ACCEPTED_ENDINGS)
+    rewrites = _PUNCTUATION_REWRITES
+    endings = _ACCEPTED_ENDINGS + _CJK_ACCEPTED_ENDINGS + _SCRIPT_ACCEPTED_ENDINGS
+    if code == "el":
+        rewrites = tuple(rule for rule in rewrites if rule[0] != ";")
+        endings += _GREEK_QUESTION_MARKS
+    return _punc_norm(text, rewrites, endings)
+
+
+def _punc_norm(text: str, rewrites: tuple[tuple[str, str], ...], endings: tuple[str, ...]) -> str:
     if not text:
         return _NO_TEXT_SENTENCE
     if text[0].islower():
         text = text[0].upper() + text[1:]
     text = " ".join(text.split())
-    for old, new in _PUNCTUATION_REWRITES:
+    for old, new in rewrites:
         text = text.replace(old, new)
     text = text.rstrip(" ")
-    if not text.endswith(_ACCEPTED_ENDINGS):
+    if not text.endswith(endings):
         text = text + "."
     return text
 
@@ -192,10 +235,44 @@ _NOT_LOWER_ASCII = re.compile(r"[^a-z]+")
 _LOWER_CHARS_PER_TOKEN = 1.8
 
 
-def estimate_tokens(text: str) -> int:
-    """Cheap, tokenizer-free estimate of the number of text tokens in `text`."""
-    lower = len(_NOT_LOWER_ASCII.sub("", text))
-    return (len(text) - lower) + math.ceil(lower / _LOWER_CHARS_PER_TOKEN)
+def estimate_tokens(text: str, language: str | None = None) -> int:
+    """Cheap, tokenizer-free estimate of the number of text tokens in `text`.
+
+    English (None or "en") uses the measured English rate above. Other languages are estimated per
+    code point of what the multilingual tokenizer sees after lower-casing and NFKD (accents become
+    separate marks), plus one for the language tag it puts first: its vocabulary hardly merges letters
+    (measured ~0.93 tokens per Latin letter on the sentences of tests/test_languages.py, ~0.97 per
+    code point in Arabic, Hebrew, Devanagari, Cyrillic, Greek and Hangul), so each counts one. A Han
+    character counts 5 in Chinese (its Cangjie code of up to five letters, an end mark, word spaces)
+    and 3 elsewhere (Japanese reads it as two or three kana); a Hangul syllable counts one per jamo (2
+    or 3), as the tokenizer decomposes it. This errs on the high side, so chunks stay under the bound.
+    """
+    code = language_code(language)
+    if code is None:
+        lower = len(_NOT_LOWER_ASCII.sub("", text))
+        return (len(text) - lower) + math.ceil(lower / _LOWER_CHARS_PER_TOKEN)
+    han_tokens = _HAN_TOKENS.get(code, _HAN_TOKENS_DEFAULT)
+    tokens = _LANGUAGE_TAG_TOKENS
+    for char in text.lower():
+        if _is_han(char):
+            tokens += han_tokens
+        elif _HANGUL_FIRST <= ord(char) <= _HANGUL_LAST:
+            tokens += 2 if (ord(char) - _HANGUL_FIRST) % 28 == 0 else 3
+        else:
+            tokens += len(unicodedata.normalize("NFKD", char))
+    return tokens
+
+
+_LANGUAGE_TAG_TOKENS = 1  # "[fr]" etc., which the multilingual tokenizer puts before the text
+_HAN_TOKENS = {"zh": 5}
+_HAN_TOKENS_DEFAULT = 3
+_HANGUL_FIRST, _HANGUL_LAST = 0xAC00, 0xD7A3
+_HAN_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FFFF))
+
+
+def _is_han(char: str) -> bool:
+    code = ord(char)
+    return any(first <= code <= last for first, last in _HAN_RANGES)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -257,14 +334,39 @@ def _ends_sentence(text: str, match: re.Match[str]) -> bool:
     return True
 
 
-def split_sentences(paragraph: str) -> list[str]:
-    """Sentences of one paragraph whose whitespace is already collapsed to single spaces."""
+# Other languages: marks that always end a sentence, with or without a space after them (CJK text has
+# none): 。！？｡ (CJK), ؟ ۔ (Arabic question mark and Urdu full stop), । ॥ (Devanagari danda), followed by
+# any closing quotes or brackets.
+_SCRIPT_SENTENCE_MARKS = "\u3002\uff01\uff1f\uff61\u061f\u06d4\u0964\u0965"
+_CLOSERS = "\"'\u201d\u2019)\\]\u300d\u300f\uff09\u3011\u3015\u3009\u300b"  # ” ’ 」 』 ） 】 〕 〉 》
+_SCRIPT_SENTENCE_END = re.compile(f"[{_SCRIPT_SENTENCE_MARKS}]+[{_CLOSERS}]*")
+# Greek: ";" and U+037E are question marks, treated like "?".
+_GREEK_SENTENCE_END = re.compile(r"(?:[.!?;\u037e\u2026]+)[\"'\u201d\u2019)\]]*(?= )")
+
+
+def _sentence_ends(paragraph: str, code: str | None) -> list[int]:
+    """Offsets just past the end of each sentence (its marks and closing quotes)."""
+    latin = _GREEK_SENTENCE_END if code == "el" else _SENTENCE_END
+    ends = [match.end() for match in latin.finditer(paragraph) if _ends_sentence(paragraph, match)]
+    if code is not None:
+        ends.extend(match.end() for match in _SCRIPT_SENTENCE_END.finditer(paragraph))
+        ends.sort()
+    return ends
+
+
+def split_sentences(paragraph: str, language: str | None = None) -> list[str]:
+    """Sentences of one paragraph whose whitespace is already collapsed to single spaces.
+
+    `language` None (or "en") splits English; other languages also split after the marks of
+    `_SCRIPT_SENTENCE_END` (no space needed) and, in Greek, after ";".
+    """
     sentences: list[str] = []
     start = 0
-    for match in _SENTENCE_END.finditer(paragraph):
-        if _ends_sentence(paragraph, match):
-            sentences.append(paragraph[start : match.end()])
-            start = match.end() + 1
+    for end in _sentence_ends(paragraph, language_code(language)):
+        if end <= start:
+            continue
+        sentences.append(paragraph[start:end])
+        start = end + 1 if paragraph.startswith(" ", end) else end
     if start < len(paragraph):
         sentences.append(paragraph[start:])
     return [s for s in sentences if s]
@@ -281,6 +383,12 @@ _CONJUNCTION_BREAK = re.compile(
     re.IGNORECASE,
 )
 _SPACE = re.compile(r" ")
+# Other languages: full-width ；： and the Arabic semicolon ؛ are strong breaks, ，、 and the Arabic comma ،
+# comma breaks, none of them needing a space after (English conjunctions are not used).
+_SCRIPT_STRONG_BREAK = re.compile(f"{_STRONG_BREAK.pattern}|[\uff1b\uff1a\u061b]")
+_SCRIPT_COMMA_BREAK = re.compile(f"{_COMMA_BREAK.pattern}|[\uff0c\u3001\u060c]")
+_ENGLISH_BREAKS = (_STRONG_BREAK, _COMMA_BREAK, _CONJUNCTION_BREAK, _SPACE)
+_SCRIPT_BREAKS = (_SCRIPT_STRONG_BREAK, _SCRIPT_COMMA_BREAK, _SPACE)
 
 
 def _cut_positions(pattern: re.Pattern[str], text: str) -> list[int]:
@@ -307,15 +415,18 @@ def _hard_cut(text: str, max_tokens: int, count: TokenCounter) -> list[str]:
     return pieces
 
 
-def _split_long(sentence: str, max_tokens: int, count: TokenCounter) -> list[str]:
-    """Cut a sentence that is over the bound, preferring clause breaks near its middle."""
+def _split_long(
+    sentence: str, max_tokens: int, count: TokenCounter, breaks: tuple[re.Pattern[str], ...] = _ENGLISH_BREAKS
+) -> list[str]:
+    """Cut a sentence that is over the bound, preferring clause breaks (`breaks`, best first) near its
+    middle."""
     if count(sentence) <= max_tokens:
         return [sentence]
     length = len(sentence)
     middle = length / 2
     low, high = 0.2 * length, 0.8 * length
     cut = None
-    for pattern in (_STRONG_BREAK, _COMMA_BREAK, _CONJUNCTION_BREAK, _SPACE):
+    for pattern in breaks:
         central = [p for p in _cut_positions(pattern, sentence) if low <= p <= high]
         if central:
             cut = min(central, key=lambda p: abs(p - middle))
@@ -328,7 +439,7 @@ def _split_long(sentence: str, max_tokens: int, count: TokenCounter) -> list[str
     left, right = sentence[:cut].strip(), sentence[cut:].strip()
     if not left or not right:
         return _hard_cut(sentence, max_tokens, count)
-    return _split_long(left, max_tokens, count) + _split_long(right, max_tokens, count)
+    return _split_long(left, max_tokens, count, breaks) + _split_long(right, max_tokens, count, breaks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,23 +456,34 @@ def chunk_text(
     *,
     count_tokens: TokenCounter | None = None,
     pack_tokens: int = DEFAULT_PACK_TOKENS,
+    language: str | None = None,
 ) -> list[str]:
     """Cut text into sentence-sized chunks for T3.
 
-    Every chunk `c` satisfies `count_tokens(normalize(c)) <= max_tokens`; `count_tokens` defaults to
-    `estimate_tokens` (pass the real tokenizer's counter for an exact bound). Sentences end at . ! ?
-    and ellipses, not after abbreviations, initials, decimals or an ellipsis continued in lower case.
+    Every chunk `c` satisfies `count_tokens(normalize(c, language)) <= max_tokens`; `count_tokens`
+    defaults to `estimate_tokens` for `language` (pass the real tokenizer's counter for an exact bound).
+    Sentences end at . ! ? and ellipses, not after abbreviations, initials, decimals or an ellipsis
+    continued in lower case.
     Consecutive sentences of one paragraph are joined while the join stays within `pack_tokens`.
     Longer-than-bound sentences are cut at ; : dashes, then commas, then before conjunctions, then
     between words; a word longer than the bound is cut hard. Raises UsageError when there is nothing
     to speak.
+
+    `language` None or "en" is exactly the above. Other languages also end sentences at the script
+    marks of `split_sentences` (CJK 。！？ without spaces, Arabic ؟ ۔, Devanagari । ॥, Greek ;), cut long
+    sentences at ；：؛ and ，、، as well (not before English conjunctions), and join neighbours with the
+    space that separated them in the text, or none (Chinese and Japanese have none).
     """
     if max_tokens < 8:
         raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
-    base = count_tokens or estimate_tokens
+    code = language_code(language)
+    breaks = _ENGLISH_BREAKS if code is None else _SCRIPT_BREAKS
+
+    def base(piece: str) -> int:
+        return count_tokens(piece) if count_tokens is not None else estimate_tokens(piece, code)
 
     def count(piece: str) -> int:
-        return base(normalize(piece))
+        return base(normalize(piece, code))
 
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n[ \t\f\v]*\n", text)]
     chunks: list[str] = []
@@ -369,9 +491,10 @@ def chunk_text(
         if not paragraph:
             continue
         pieces: list[str] = []
-        for sentence in split_sentences(paragraph):
-            pieces.extend(_split_long(sentence, max_tokens, count))
-        chunks.extend(_pack(pieces, max_tokens, min(pack_tokens, max_tokens), count))
+        for sentence in split_sentences(paragraph, code):
+            pieces.extend(_split_long(sentence, max_tokens, count, breaks))
+        separators = None if code is None else _separators(paragraph, pieces)
+        chunks.extend(_pack(pieces, max_tokens, min(pack_tokens, max_tokens), count, separators))
     if not chunks:
         raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
     if not any(_has_word(chunk) for chunk in chunks):
@@ -379,20 +502,46 @@ def chunk_text(
     return chunks
 
 
-def _pack(pieces: list[str], max_tokens: int, pack_tokens: int, count: TokenCounter) -> list[str]:
-    """Join short neighbours; pieces without any letter or digit always join a neighbour if they fit."""
-    packed: list[str] = []
+def _separators(paragraph: str, pieces: list[str]) -> list[str]:
+    """For each piece (consecutive substrings of `paragraph`), the space before it there, or ""."""
+    separators: list[str] = []
+    position = 0
     for piece in pieces:
+        at = paragraph.find(piece, position)
+        if at < 0:  # not expected: pieces are cut from the paragraph in order
+            separators.append(" ")
+            continue
+        separators.append(" " if at > 0 and paragraph[at - 1] == " " else "")
+        position = at + len(piece)
+    return separators
+
+
+def _pack(
+    pieces: list[str],
+    max_tokens: int,
+    pack_tokens: int,
+    count: TokenCounter,
+    separators: list[str] | None = None,
+) -> list[str]:
+    """Join short neighbours; pieces without any letter or digit always join a neighbour if they fit.
+
+    `separators[i]` joins piece i to the one before it; a space for all when None (English).
+    """
+    seps = separators if separators is not None else [" "] * len(pieces)
+    packed: list[str] = []
+    packed_seps: list[str] = []
+    for piece, sep in zip(pieces, seps, strict=True):
         if packed:
-            joined = packed[-1] + " " + piece
+            joined = packed[-1] + sep + piece
             limit = max_tokens if not (_has_word(piece) and _has_word(packed[-1])) else pack_tokens
             if count(joined) <= limit:
                 packed[-1] = joined
                 continue
         packed.append(piece)
+        packed_seps.append(sep)
     # A leading punctuation-only piece ("... Well then.") joins the piece after it.
     if len(packed) > 1 and not _has_word(packed[0]):
-        joined = packed[0] + " " + packed[1]
+        joined = packed[0] + packed_seps[1] + packed[1]
         if count(joined) <= max_tokens:
             packed[:2] = [joined]
     return packed

@@ -148,7 +148,7 @@ def test_shape_mismatch_is_a_checkpoint_error(tiny_checkpoint: Path, tmp_path: P
         m = T3(T3Config.tiny())
     with pytest.raises(CheckpointError, match=r"text_head.weight has shape \(700, 64\)"):
         load_module_from_safetensors(m, bad, "cpu", torch.float32)
-    with pytest.raises(CheckpointError, match="does not match the English T3"):
+    with pytest.raises(CheckpointError, match="does not match the Chatterbox T3"):
         load_t3(bad)
 
 

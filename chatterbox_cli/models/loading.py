@@ -11,6 +11,7 @@ submodule that defines `init_non_persistent_buffers(device)` is asked to recompu
 from __future__ import annotations
 
 from collections.abc import Collection
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -114,16 +115,20 @@ def load_module_from_safetensors(
 
 
 def infer_t3_config(header: dict[str, TensorInfo]) -> T3Config:
-    """The known T3 config whose tensor shapes equal those in the file's header."""
+    """The known T3 config whose tensor shapes equal those in the file's header. The text vocabulary is
+    read from `text_emb.weight` (704 English, 2,454 multilingual); the rest must match a known backbone."""
     shapes = {name: info.shape for name, info in header.items()}
+    text_emb = shapes.get("text_emb.weight")
+    vocab = {"text_vocab_size": text_emb[0]} if text_emb else {}
     for candidate in (T3Config.english(), T3Config.tiny()):
+        candidate = replace(candidate, **vocab)
         if t3_tensor_shapes(candidate) == shapes:
             return candidate
-    english = t3_tensor_shapes(T3Config.english())
+    english = t3_tensor_shapes(replace(T3Config.english(), **vocab))
     differ = {n for n in set(english) | set(shapes) if english.get(n) != shapes.get(n)}
     raise CheckpointError(
-        f"T3 checkpoint does not match the English T3 model ({len(differ)} tensor(s) differ, e.g. "
-        f"{_names_preview(differ, 4)}); only the English Chatterbox checkpoint is supported"
+        f"T3 checkpoint does not match the Chatterbox T3 model ({len(differ)} tensor(s) differ, e.g. "
+        f"{_names_preview(differ, 4)}); only the English and multilingual Chatterbox T3 are supported"
     )
 
 

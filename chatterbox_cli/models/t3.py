@@ -62,6 +62,11 @@ class T3Config:
         return cls()
 
     @classmethod
+    def multilingual(cls) -> T3Config:
+        """The English T3 with the 23-language grapheme vocabulary (variants.MULTILINGUAL)."""
+        return cls(text_vocab_size=2454)
+
+    @classmethod
     def tiny(cls) -> T3Config:
         """A few-hundred-kB model for tests: real vocabularies and special tokens, tiny backbone."""
         return cls(

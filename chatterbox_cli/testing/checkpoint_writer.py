@@ -1,7 +1,10 @@
 """Write a checkpoint folder in the official Chatterbox layout, filled with seeded random weights.
 
-Files: t3_cfg.safetensors, ve.safetensors, s3gen.safetensors (fp32, official tensor names), tokenizer.json
-(the real English vocabulary) and conds.pt (the built-in voice, official torch.save layout).
+English: t3_cfg.safetensors, ve.safetensors, s3gen.safetensors (fp32, official tensor names),
+tokenizer.json (the real English vocabulary) and conds.pt (the built-in voice, official torch.save layout).
+Multilingual (variants.MULTILINGUAL): t3_mtl23ls_v2.safetensors (text vocabulary 2,454), ve.pt and s3gen.pt
+(torch.save'd state dicts, as the official files are), a synthetic grapheme vocabulary covering one test
+sentence per language and a small Cangjie table (the official ones cannot be downloaded here), conds.pt.
 
 Each model module provides `random_state_dict(config, seed)`; this writer only calls them. Tensors are
 streamed to disk: the safetensors header is written from the shapes first and T3 tensors are generated
@@ -14,6 +17,7 @@ import importlib
 import json
 import shutil
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,10 +26,15 @@ from torch import Tensor
 
 from chatterbox_cli.models import t3 as t3_module
 from chatterbox_cli.models.t3 import T3Config
+from chatterbox_cli.variants import MULTILINGUAL, get_variant
 
 Size = Literal["tiny", "full"]
 
-TOKENIZER_JSON = Path(__file__).parent / "data" / "tokenizer.json"
+DATA = Path(__file__).parent / "data"
+TOKENIZER_JSON = DATA / "tokenizer.json"
+# Synthetic multilingual tokenizer files, written by scripts/parity/mtl_tokenizer.py.
+MTL_TOKENIZER_JSON = DATA / "mtl_vocab.json"
+MTL_CANGJIE_JSON = DATA / "mtl_cangjie.json"
 
 _SAFETENSORS_DTYPES = {
     torch.float32: "F32",
@@ -141,29 +150,42 @@ def random_conds(
     }
 
 
-def write_random_checkpoint(folder: str | Path, size: Size = "tiny", seed: int = 0) -> Path:
-    """Write (or overwrite) a random checkpoint into `folder`; returns the folder.
-
-    ve.safetensors and s3gen.safetensors are written once their modules provide `random_state_dict`.
-    """
+def write_random_checkpoint(
+    folder: str | Path, size: Size = "tiny", seed: int = 0, variant: str = "english"
+) -> Path:
+    """Write (or overwrite) a random checkpoint of `variant` (variants.VARIANTS) into `folder`; returns the
+    folder."""
+    v = get_variant(variant)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    write_t3(folder / "t3_cfg.safetensors", t3_config_for(size), seed)
-    for file_name, module_name, config_name in (
-        ("ve.safetensors", "chatterbox_cli.models.voice_encoder", "VoiceEncoderConfig"),
-        ("s3gen.safetensors", "chatterbox_cli.models.s3gen", "S3GenConfig"),
+    config = t3_config_for(size)
+    if v is MULTILINGUAL:
+        config = replace(config, text_vocab_size=T3Config.multilingual().text_vocab_size)
+    write_t3(folder / v.file("t3"), config, seed)
+    for role, module_name, config_name in (
+        ("ve", "chatterbox_cli.models.voice_encoder", "VoiceEncoderConfig"),
+        ("s3gen", "chatterbox_cli.models.s3gen", "S3GenConfig"),
     ):
         state = _optional_state_dict(module_name, config_name, size, seed)
-        if state is not None:
-            write_state_dict(folder / file_name, state)
-            del state
-    shutil.copyfile(TOKENIZER_JSON, folder / "tokenizer.json")
-    torch.save(random_conds(seed), folder / "conds.pt")
+        if state is None:
+            continue
+        path = folder / v.file(role)
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        else:
+            write_state_dict(path, state)
+        del state
+    if v is MULTILINGUAL:
+        shutil.copyfile(MTL_TOKENIZER_JSON, folder / v.file("tokenizer"))
+        shutil.copyfile(MTL_CANGJIE_JSON, folder / "Cangjie5_TC.json")
+    else:
+        shutil.copyfile(TOKENIZER_JSON, folder / v.file("tokenizer"))
+    torch.save(random_conds(seed), folder / v.file("conds"))
     return folder
 
 
-def written_files(folder: str | Path) -> Iterator[Path]:
-    """The checkpoint files present in `folder`, in the official order."""
-    for name in ("ve.safetensors", "t3_cfg.safetensors", "s3gen.safetensors", "tokenizer.json", "conds.pt"):
+def written_files(folder: str | Path, variant: str = "english") -> Iterator[Path]:
+    """The checkpoint files of `variant` present in `folder`."""
+    for name in get_variant(variant).all_files:
         if (Path(folder) / name).exists():
             yield Path(folder) / name
