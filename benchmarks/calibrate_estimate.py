@@ -36,7 +36,7 @@ def main() -> None:
     weights, kv = run["weights_allocated"], run["estimate"]["kv_cache_bytes"]
     t3 = stages["t3_generate"]["peak_allocated"] - weights - kv
     s3 = stages["s3gen_synthesize"]["peak_allocated"] - weights
-    shape = estimate.t3_shape(estimate.read_headers(args.checkpoint)["t3_cfg.safetensors"])
+    shape = estimate.t3_shape(estimate.read_headers(args.checkpoint)["t3"])
     tokens, batch, cfg, text = details["max_tokens"], details["batch"], details["cfg"], details["text_tokens"]
     t3_counted = estimate.t3_workspace_bytes(shape, tokens, batch, cfg, text) / estimate.T3_WORKSPACE_SCALE
     s3_counted = estimate.s3gen_workspace_bytes(tokens, batch, cfg) / estimate.S3GEN_WORKSPACE_SCALE

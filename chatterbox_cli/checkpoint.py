@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, UsageError
-from chatterbox_cli.variants import ENGLISH, Variant, variant_of_folder
+from chatterbox_cli.variants import ENGLISH, Role, Variant, variant_of_folder
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +103,10 @@ class Checkpoint:
 
     def path(self, name: str) -> Path:
         return self.folder / name
+
+    def file(self, role: Role) -> Path:
+        """The path of this variant's file for `role` ("t3", "s3gen", "ve", "tokenizer", "conds")."""
+        return self.folder / self.variant.file(role)
 
 
 def looks_like_path(model: str) -> bool:
@@ -428,6 +432,59 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
         return safetensors_header(path)
     state = read_torch_state_dict(path)
     return {name: TensorInfo(_TORCH_DTYPE_NAMES[str(t.dtype)], tuple(t.shape)) for name, t in state.items()}
+
+
+class TensorFile:
+    """The tensors of one checkpoint file by name, .safetensors (read one at a time) or a torch.save'd
+    state dict (.pt, memory-mapped, weights only): what every loader reads, whichever the variant ships.
+
+        with TensorFile(path) as f:
+            for name in f.keys(): f.shape(name), f.get_tensor(name)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._safe: object | None = None
+        self._state: dict[str, torch.Tensor] | None = None
+
+    def __enter__(self) -> TensorFile:
+        if self.path.suffix == ".pt":
+            self._state = read_torch_state_dict(self.path)
+            return self
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            self._safe = safe_open(str(self.path), framework="pt", device="cpu").__enter__()
+        except (OSError, SafetensorError, RuntimeError, ValueError) as e:
+            raise CheckpointError(
+                f"cannot read {self.path} ({e}); delete it and download the checkpoint again"
+            ) from e
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._safe is not None:
+            self._safe.__exit__(*exc)  # type: ignore[attr-defined]
+        self._safe = self._state = None
+
+    def keys(self) -> list[str]:
+        return list(self._state) if self._state is not None else list(self._safe.keys())  # type: ignore[union-attr]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        if self._state is not None:
+            return tuple(self._state[name].shape)
+        return tuple(self._safe.get_slice(name).get_shape())  # type: ignore[union-attr]
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        if self._state is not None:
+            return self._state[name]
+        from safetensors import SafetensorError
+
+        try:
+            return self._safe.get_tensor(name)  # type: ignore[union-attr]
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"cannot read tensor {name} of {self.path} ({e}); delete it and download the checkpoint again"
+            ) from e
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:

@@ -22,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from chatterbox_cli.checkpoint import DTYPE_BYTES, TensorInfo, safetensors_header
+from chatterbox_cli.checkpoint import DTYPE_BYTES, TensorInfo, tensor_infos
 from chatterbox_cli.errors import CheckpointError, UsageError
 from chatterbox_cli.presets import (
     COMPONENT_SOURCES,
@@ -38,6 +38,7 @@ from chatterbox_cli.presets import (
     preset_of,
     which_linears,
 )
+from chatterbox_cli.variants import ENGLISH, Variant, variant_of_folder
 
 GiB = 1024**3
 MiB = 1024**2
@@ -103,7 +104,7 @@ _REPORT_PARTS: dict[str, tuple[Component, ...]] = {
     "s3gen": ("flow", "mel2wav"),
     "voice_encoder": ("voice_encoder", "s3tokenizer", "speaker_encoder"),
 }
-CHECKPOINT_FILES = ("t3_cfg.safetensors", "s3gen.safetensors", "ve.safetensors")
+WEIGHT_ROLES = ("t3", "s3gen", "ve")  # the variant files whose tensor shapes the estimate reads
 
 
 def quantized_linear_nbytes(mode: str, out_features: int, in_features: int) -> int:
@@ -176,9 +177,7 @@ def t3_shape(header: Mapping[str, TensorInfo]) -> T3Shape:
         queries = header["cond_enc.perceiver.pre_attention_query"].shape
         speech_vocab = header["speech_head.weight"].shape[0]
     except KeyError as e:
-        raise CheckpointError(
-            f"t3_cfg.safetensors lacks tensor {e}; is it a Chatterbox T3 checkpoint?"
-        ) from e
+        raise CheckpointError(f"the T3 weights lack tensor {e}; is it a Chatterbox T3 checkpoint?") from e
     # speaker embedding + perceiver outputs + emotion scalar
     return T3Shape(len(layers), q[1], k[0], gate[0], 1 + queries[-2] + 1, speech_vocab)
 
@@ -299,16 +298,22 @@ class EstimateReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
-def read_headers(checkpoint_folder: str | Path) -> dict[str, dict[str, TensorInfo]]:
+def read_headers(
+    checkpoint_folder: str | Path, variant: Variant | None = None
+) -> dict[str, dict[str, TensorInfo]]:
+    """Tensor shapes of the weight files, by role ("t3", "s3gen", "ve"), for `variant` (None: the one
+    whose files the folder holds, English if neither). Reads headers (.safetensors) or maps (.pt)."""
     folder = Path(checkpoint_folder)
+    if variant is None:
+        present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+        variant = variant_of_folder(present) or ENGLISH
     headers = {}
-    for name in CHECKPOINT_FILES:
-        path = folder / name
+    for role in WEIGHT_ROLES:
+        path = folder / variant.file(role)
         if not path.is_file():
-            raise CheckpointError(
-                f"{path} is missing; the checkpoint folder needs {', '.join(CHECKPOINT_FILES)}"
-            )
-        headers[name] = safetensors_header(path)
+            needs = ", ".join(variant.file(r) for r in WEIGHT_ROLES)
+            raise CheckpointError(f"{path} is missing; the {variant.name} checkpoint folder needs {needs}")
+        headers[role] = tensor_infos(path)
     return headers
 
 
@@ -324,13 +329,13 @@ def estimate_plan(
     cuda_context_bytes: int | None = None,
     prepare_voice: bool = False,
 ) -> PresetEstimate:
-    """The estimate for one plan, from already-read headers ({file name: header})."""
+    """The estimate for one plan, from already-read headers ({file role: header}, see read_headers)."""
     if max_tokens < 1 or batch < 1 or text_tokens < 0 or cfg_weight < 0:
         raise UsageError("max_tokens and batch must be >= 1, text_tokens and cfg_weight >= 0")
     parts: dict[Component, ComponentEstimate] = {}
-    for comp, (file, prefix) in COMPONENT_SOURCES.items():
+    for comp, (role, prefix) in COMPONENT_SOURCES.items():
         float_bytes = FLOAT_BYTES.get(comp, ACT_BYTES)
-        parts[comp], _ = component_weights(headers[file], plan[comp], prefix, float_bytes)
+        parts[comp], _ = component_weights(headers[role], plan[comp], prefix, float_bytes)
     components = {}
     for key, members in _REPORT_PARTS.items():
         ests = [parts[m] for m in members]
@@ -344,7 +349,7 @@ def estimate_plan(
             mode,
         )
     cfg = cfg_weight > 0
-    shape = t3_shape(headers["t3_cfg.safetensors"])
+    shape = t3_shape(headers["t3"])
     kv = kv_cache_bytes(shape, max_tokens, batch, cfg, text_tokens)
     t3_ws = t3_workspace_bytes(shape, max_tokens, batch, cfg, text_tokens)
     s3_ws = s3gen_workspace_bytes(max_tokens, batch, cfg)
@@ -405,10 +410,12 @@ def estimate(
     cuda_context_bytes: int | None = None,
     prepare_voice: bool = False,
     overrides: Mapping[str, str] | None = None,
+    variant: Variant | None = None,
 ) -> EstimateReport:
-    """Estimate one preset (or "all" available presets) for the checkpoint in `checkpoint_folder`, and pick
-    the highest-fidelity one that fits `free_bytes` (None: no GPU)."""
-    headers = read_headers(checkpoint_folder)
+    """Estimate one preset (or "all" available presets) for the checkpoint in `checkpoint_folder` (of
+    `variant`; None: see read_headers), and pick the highest-fidelity one that fits `free_bytes` (None: no
+    GPU)."""
+    headers = read_headers(checkpoint_folder, variant)
     names = preset_names() if preset == "all" else [preset]
     presets = {}
     for name in names:

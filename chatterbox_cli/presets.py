@@ -39,14 +39,15 @@ COMPONENTS: tuple[Component, ...] = (
 )
 MODES: tuple[Mode, ...] = ("16bit", "int8", "nf4", "awq")
 
-# Where each component's tensors live in the official checkpoint: (file, name prefix).
+# Where each component's tensors live in the official checkpoint: (file role, name prefix); the file of
+# each role is the variant's (variants.Variant.files: t3_cfg.safetensors or t3_mtl23ls_v2.safetensors, ...).
 COMPONENT_SOURCES: dict[Component, tuple[str, str]] = {
-    "t3": ("t3_cfg.safetensors", ""),
-    "flow": ("s3gen.safetensors", "flow."),
-    "mel2wav": ("s3gen.safetensors", "mel2wav."),
-    "s3tokenizer": ("s3gen.safetensors", "tokenizer."),
-    "speaker_encoder": ("s3gen.safetensors", "speaker_encoder."),
-    "voice_encoder": ("ve.safetensors", ""),
+    "t3": ("t3", ""),
+    "flow": ("s3gen", "flow."),
+    "mel2wav": ("s3gen", "mel2wav."),
+    "s3tokenizer": ("s3gen", "tokenizer."),
+    "speaker_encoder": ("s3gen", "speaker_encoder."),
+    "voice_encoder": ("ve", ""),
 }
 
 # --- Rules that keep layers 16-bit, with the measurement behind each ------------------------------------

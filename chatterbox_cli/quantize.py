@@ -16,16 +16,13 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, ExitCode
 from chatterbox_cli.estimate import quantized_linear_nbytes
 from chatterbox_cli.presets import (
-    COMPONENT_SOURCES,
     NF4_BLOCKSIZE,
     ComponentPlan,
-    QuantPlan,
     linear_shapes_from_module,
     which_linears,
 )
@@ -38,11 +35,6 @@ class QuantizationError(ChatterboxError):
 
 
 Plans = ComponentPlan | Iterable[ComponentPlan]
-
-
-def plans_for_file(plan: QuantPlan, file_name: str) -> list[ComponentPlan]:
-    """The component plans whose tensors live in checkpoint file `file_name` (e.g. 's3gen.safetensors')."""
-    return [plan[c] for c, (f, _) in COMPONENT_SOURCES.items() if f == file_name]
 
 
 def _as_list(plans: Plans) -> list[ComponentPlan]:
@@ -289,13 +281,9 @@ def load_quantized(
     targets = planned_layers(plans, shapes)
     if targets:
         bnb = require_bitsandbytes(device)
-        try:
-            handle = safe_open(str(path), framework="pt", device="cpu")
-        except (OSError, RuntimeError, ValueError) as e:
-            raise CheckpointError(
-                f"cannot read {path} ({e}); delete it and download the checkpoint again"
-            ) from e
-        with handle as f:
+        from chatterbox_cli.checkpoint import TensorFile
+
+        with TensorFile(path) as f:
             keys = set(f.keys())
             for name, cp in targets.items():
                 has_bias = module_on_meta.get_submodule(name).bias is not None
@@ -307,7 +295,7 @@ def load_quantized(
                         f"(missing {missing or 'nothing'}, bias in file: {f'{name}.bias' in keys}); "
                         "is it the right file for this model and version?"
                     )
-                shape = tuple(f.get_slice(f"{name}.weight").get_shape())
+                shape = f.shape(f"{name}.weight")
                 if shape != shapes[name]:
                     raise CheckpointError(
                         f"{path}: tensor {name}.weight has shape {shape}, the model expects {shapes[name]}"

@@ -138,7 +138,7 @@ class LoadedModel:
     @functools.cached_property
     def t3_shape(self) -> estimate.T3Shape:
         """T3's dimensions as the estimate counts them, from the checkpoint header (read once)."""
-        return estimate.t3_shape(safetensors_header(self.checkpoint.path("t3_cfg.safetensors")))
+        return estimate.t3_shape(safetensors_header(self.checkpoint.file("t3")))
 
 
 # --- deciding --------------------------------------------------------------------------------------------
@@ -189,6 +189,7 @@ def _estimate(
         free_bytes=free,
         cuda_context_bytes=context,
         overrides=_overrides(request),
+        variant=checkpoint.variant,
     )
 
 
@@ -342,18 +343,14 @@ def load_decided(
     start = time.perf_counter()
     plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
     use_cache = request.quant_cache
-    s3gen, flow_report, flow_cache = _load_s3gen(
-        checkpoint.path("s3gen.safetensors"), decision, plan, use_cache, notify
-    )
+    s3gen, flow_report, flow_cache = _load_s3gen(checkpoint.file("s3gen"), decision, plan, use_cache, notify)
     if takes_turns(decision):
         from chatterbox_cli.quantize import move_module
 
         move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
-    t3, t3_report, t3_cache = _load_t3(
-        checkpoint.path("t3_cfg.safetensors"), decision, plan, use_cache, notify
-    )
+    t3, t3_report, t3_cache = _load_t3(checkpoint.file("t3"), decision, plan, use_cache, notify)
     tokenizer = EnTokenizer(checkpoint.path("tokenizer.json"))
-    conds_path = checkpoint.path("conds.pt")
+    conds_path = checkpoint.file("conds")
     builtin = load_builtin_conds(conds_path) if conds_path.exists() else None
     if decision.device.type == "cuda":
         torch.cuda.synchronize(decision.device)
@@ -377,9 +374,10 @@ def _model_key(checkpoint: Checkpoint) -> str:
     if checkpoint.repo_id and checkpoint.revision:
         return f"{checkpoint.repo_id}@{checkpoint.revision}"
     parts = []
-    for name in ("ve.safetensors", "s3gen.safetensors"):
-        st = checkpoint.path(name).stat()
-        parts.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
+    for role in ("ve", "s3gen"):
+        path = checkpoint.file(role)
+        st = path.stat()
+        parts.append(f"{path.name}:{st.st_size}:{st.st_mtime_ns}")
     return f"{checkpoint.folder.resolve()}|{'|'.join(parts)}"
 
 
@@ -432,8 +430,8 @@ def _voice_from_clip(
     notify(f"preparing the voice from {clip.name} (cached for next time)")
     # Preparation runs in fp32: it happens once per clip and its outputs are cached. Its parts are
     # dropped when this frame ends, also when it ends in an error (the caller then releases their memory).
-    ve = load_voice_encoder(model.checkpoint.path("ve.safetensors"), device, torch.float32)
-    prep = S3Gen.load(model.checkpoint.path("s3gen.safetensors"), device, torch.float32, parts=VOICE_PARTS)
+    ve = load_voice_encoder(model.checkpoint.file("ve"), device, torch.float32)
+    prep = S3Gen.load(model.checkpoint.file("s3gen"), device, torch.float32, parts=VOICE_PARTS)
     prepared = voice_from_clip(clip, ve, prep, exaggeration=exaggeration, model_key=key)
     del ve, prep
     oom.release_cuda()

@@ -214,7 +214,7 @@ ENGLISH_T3 = est.T3Shape(
 
 def test_t3_shape_of_the_official_header(official: tuple[Path, dict]) -> None:
     headers = est.read_headers(official[0])
-    assert est.t3_shape(headers["t3_cfg.safetensors"]) == ENGLISH_T3
+    assert est.t3_shape(headers["t3"]) == ENGLISH_T3
 
 
 def test_t3_workspace_terms_by_hand() -> None:

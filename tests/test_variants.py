@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from chatterbox_cli import estimate as est
 from chatterbox_cli.checkpoint import (
     read_torch_state_dict,
     resolve_checkpoint,
@@ -18,8 +19,10 @@ from chatterbox_cli.checkpoint import (
     validate,
 )
 from chatterbox_cli.errors import CheckpointError, ExitCode, UsageError
-from chatterbox_cli.models.loading import infer_t3_config
+from chatterbox_cli.models.loading import infer_t3_config, load_t3
+from chatterbox_cli.models.s3gen import S3Gen
 from chatterbox_cli.models.t3 import T3Config
+from chatterbox_cli.models.voice_encoder import load_voice_encoder
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint
 from chatterbox_cli.variants import ENGLISH, MULTILINGUAL, variant_for
 
@@ -99,3 +102,31 @@ def test_a_pickle_with_more_than_tensors_is_refused_with_exit_3(tmp_path: Path) 
     torch.save([torch.zeros(2)], path)
     with pytest.raises(CheckpointError, match="is not a state dict"):
         read_torch_state_dict(path)
+
+
+def test_the_loaders_read_pt_files_as_they_read_safetensors(mtl: Path, tmp_path: Path) -> None:
+    """S3Gen and the voice encoder loaded from s3gen.pt / ve.pt equal those loaded from the English
+    safetensors holding the same tensors; T3 loads from the multilingual file with its 2,454-row vocab."""
+    english = write_random_checkpoint(tmp_path / "en", "tiny", seed=5)
+    pairs = [
+        (S3Gen.load(mtl / "s3gen.pt"), S3Gen.load(english / "s3gen.safetensors")),
+        (load_voice_encoder(mtl / "ve.pt"), load_voice_encoder(english / "ve.safetensors")),
+    ]
+    for from_pt, from_safetensors in pairs:
+        a, b = from_pt.state_dict(), from_safetensors.state_dict()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    t3 = load_t3(mtl / "t3_mtl23ls_v2.safetensors")
+    assert t3.text_emb.weight.shape[0] == t3.text_head.weight.shape[0] == 2454
+
+
+def test_estimate_reads_the_multilingual_files(mtl: Path, tmp_path: Path) -> None:
+    """Only T3's text embedding and head differ from English: (2454 - 704) rows each, 16-bit."""
+    english = write_random_checkpoint(tmp_path / "en", "tiny", seed=5)
+    hidden = T3Config.tiny().hidden_size
+    ours = est.estimate(mtl, "fp16", variant=MULTILINGUAL).presets["fp16"]
+    theirs = est.estimate(english, "fp16").presets["fp16"]
+    extra = ours.components["t3"].weights_bytes - theirs.components["t3"].weights_bytes
+    assert extra == 2 * (2454 - 704) * hidden * 2
+    assert ours.components["s3gen"] == theirs.components["s3gen"]
+    assert est.read_headers(mtl)["s3gen"] == est.read_headers(english)["s3gen"]  # found by its files

@@ -15,10 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from chatterbox_cli.checkpoint import TensorInfo, safetensors_header
+from chatterbox_cli.checkpoint import TensorFile, TensorInfo, safetensors_header
 from chatterbox_cli.errors import CheckpointError
 from chatterbox_cli.models.t3 import T3, T3Config, t3_tensor_shapes
 
@@ -63,13 +62,8 @@ def load_module_from_safetensors(
         for name, t in module_on_meta.state_dict(keep_vars=True).items()
         if not name.startswith(skip)
     }
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except (OSError, SafetensorError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
-    with handle as f:
-        all_keys = f.keys()
-        present = {k for k in all_keys if not k.startswith(skip)}
+    with TensorFile(path) as f:
+        present = {k for k in f.keys() if not k.startswith(skip)}  # noqa: SIM118
         missing, unexpected = set(expected) - present, present - set(expected)
         if missing or unexpected:
             parts = []
@@ -82,19 +76,14 @@ def load_module_from_safetensors(
                 "Is it the right file for this model and version?"
             )
         for name in expected:
-            shape = tuple(f.get_slice(name).get_shape())
+            shape = f.shape(name)
             if shape != expected[name]:
                 raise CheckpointError(
                     f"{path}: tensor {name} has shape {shape}, the model expects {expected[name]}. "
                     "Is it the right file for this model and version?"
                 )
         for name in expected:
-            try:
-                tensor = f.get_tensor(name)
-            except SafetensorError as e:
-                raise CheckpointError(
-                    f"cannot read tensor {name} of {path} ({e}); delete it and download the checkpoint again"
-                ) from e
+            tensor = f.get_tensor(name)
             target = dtype if tensor.is_floating_point() else tensor.dtype
             _place(module_on_meta, name, tensor.to(device=device, dtype=target))
             del tensor

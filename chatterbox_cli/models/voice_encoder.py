@@ -268,21 +268,16 @@ class VoiceEncoder(nn.Module):
 def load_voice_encoder(
     path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
 ) -> VoiceEncoder:
-    """Build the VE from `ve.safetensors` (sizes read from the tensor shapes), in eval mode.
+    """Build the VE from `ve.safetensors` or `ve.pt` (sizes read from the tensor shapes), in eval mode.
 
     The whole file is a few MB, so it is read at once; the LSTM keeps its own flat weight list, which is
     why this goes through `load_state_dict` rather than swapping parameters in place.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from chatterbox_cli.checkpoint import TensorFile
 
     path = Path(path)
-    try:
-        state = load_file(str(path))
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file ({e}); download the checkpoint again."
-        ) from e
+    with TensorFile(path) as f:
+        state = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
     if "proj.weight" not in state or "lstm.weight_ih_l0" not in state:
         raise CheckpointError(
             f"{path} is not a VoiceEncoder checkpoint (no proj.weight / lstm.weight_ih_l0)."

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
+from chatterbox_cli.checkpoint import TensorFile
 from chatterbox_cli.errors import CheckpointError, UsageError
 from chatterbox_cli.models.conds import GenCond
 
@@ -134,11 +134,8 @@ def random_state_dict(config: S3GenConfig, seed: int = 0) -> dict[str, Tensor]:
 
 
 def _file_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
+    with TensorFile(path) as f:
+        return {k: f.shape(k) for k in f.keys()}  # noqa: SIM118
 
 
 def _part_shapes(config: S3GenConfig, part: str) -> dict[str, tuple[int, ...]]:
@@ -193,11 +190,7 @@ def _load_part(
     module = probe if on_meta else _build_part(config, part).to(dtype)
     target = device if on_meta else torch.device("cpu")
     prefix = f"{part}."
-    try:
-        handle = safe_open(str(path), framework="pt", device="cpu")
-    except (OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); delete it and download the checkpoint again") from e
-    with handle as f:
+    with TensorFile(path) as f:
         present = {k[len(prefix) :] for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
         missing = sorted(persistent - present - derived)
         if missing:
