@@ -221,23 +221,23 @@ def test_bad_vocabulary_is_a_checkpoint_error(tmp_path: Path) -> None:
         MtlTokenizer(bad)
 
 
-def test_vocabulary_without_special_tokens_is_a_checkpoint_error(tmp_path: Path) -> None:
-    data = json.loads((MTL_TOKENIZER_JSON).read_text(encoding="utf-8"))
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[SPACE]"]
-    del data["model"]["vocab"]["[SPACE]"]
-    path = tmp_path / VOCAB_FILE
+def vocabulary_without(token: str, folder: Path) -> Path:
+    """The synthetic vocabulary with `token` removed, written into `folder`."""
+    data = json.loads(MTL_TOKENIZER_JSON.read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != token]
+    del data["model"]["vocab"][token]
+    path = folder / VOCAB_FILE
     path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def test_vocabulary_without_special_tokens_is_a_checkpoint_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match=r"lacks the special tokens \['\[SPACE\]'\]"):
-        MtlTokenizer(path)
+        MtlTokenizer(vocabulary_without("[SPACE]", tmp_path))
 
 
 def test_language_missing_from_the_vocabulary_is_a_checkpoint_error(tmp_path: Path) -> None:
-    data = json.loads((MTL_TOKENIZER_JSON).read_text(encoding="utf-8"))
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "[sw]"]
-    del data["model"]["vocab"]["[sw]"]
-    path = tmp_path / VOCAB_FILE
-    path.write_text(json.dumps(data), encoding="utf-8")
-    fresh = MtlTokenizer(path)
+    fresh = MtlTokenizer(vocabulary_without("[sw]", tmp_path))
     with pytest.raises(CheckpointError, match=r"no \[sw\] token.*Swahili"):
         fresh.encode("habari", "sw")
     assert fresh.encode("hallo", "nl")
