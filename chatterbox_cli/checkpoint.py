@@ -386,7 +386,8 @@ def _check_torch_zip(path: Path) -> None:
         raise CheckpointError(f"{path} is a zip file but not a torch.save archive (no data.pkl)")
 
 
-_TORCH_DTYPE_NAMES = {
+# safetensors' name of each torch dtype, by str(dtype) (this module does not import torch up front).
+SAFETENSORS_DTYPE_NAMES = {
     "torch.float64": "F64",
     "torch.float32": "F32",
     "torch.float16": "F16",
@@ -431,7 +432,9 @@ def tensor_infos(path: Path) -> dict[str, TensorInfo]:
     if path.suffix == ".safetensors":
         return safetensors_header(path)
     state = read_torch_state_dict(path)
-    return {name: TensorInfo(_TORCH_DTYPE_NAMES[str(t.dtype)], tuple(t.shape)) for name, t in state.items()}
+    return {
+        name: TensorInfo(SAFETENSORS_DTYPE_NAMES[str(t.dtype)], tuple(t.shape)) for name, t in state.items()
+    }
 
 
 class TensorFile:

@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from chatterbox_cli.checkpoint import SAFETENSORS_DTYPE_NAMES
 from chatterbox_cli.models import t3 as t3_module
 from chatterbox_cli.models.t3 import T3Config
 from chatterbox_cli.variants import MULTILINGUAL, get_variant
@@ -35,15 +36,6 @@ TOKENIZER_JSON = DATA / "tokenizer.json"
 # Synthetic multilingual tokenizer files, written by scripts/parity/mtl_tokenizer.py.
 MTL_TOKENIZER_JSON = DATA / "mtl_vocab.json"
 MTL_CANGJIE_JSON = DATA / "mtl_cangjie.json"
-
-_SAFETENSORS_DTYPES = {
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.bool: "BOOL",
-}
 
 
 def t3_config_for(size: Size) -> T3Config:
@@ -69,7 +61,7 @@ def write_safetensors_streaming(
     for name, (shape, dtype) in layout.items():
         nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
         header[name] = {
-            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "dtype": SAFETENSORS_DTYPE_NAMES[str(dtype)],
             "shape": list(shape),
             "data_offsets": [offset, offset + nbytes],
         }
