@@ -2,10 +2,12 @@
 
 Runs `jobs.run_synthesize` in this process (what the CLI calls), once per preset, with the card to itself,
 and records when each step of the first chunk starts and ends: batch sizing, T3's prefill and graph
-capture (`start_batch`), the decode steps up to the early piece, S3Gen's early rendering, the WAV write.
+capture (`start_batch`), the decode steps up to the early piece, T3 and S3Gen taking turns (bnb-4bit-swap),
+S3Gen's early rendering, the WAV write.
 Each probe synchronizes the GPU before it reads the clock, so a step's figure is its own work.
 
     python benchmarks/first_audio.py --checkpoint DIR [--presets fp16,bnb-8bit] [--repeat 2]
+        [--early bnb-8bit=16,bnb-4bit-swap=24]   (another early-piece length for a preset, to measure it)
 
 Prints one JSON object: per preset and repeat, first_audio_s as the CLI reports it and the steps in order.
 """
@@ -13,6 +15,7 @@ Prints one JSON object: per preset and repeat, first_audio_s as the CLI reports 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import sys
@@ -26,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatterbox_cli import jobs, oom, pipeline, service  # noqa: E402
+from chatterbox_cli import jobs, oom, pipeline, presets, service  # noqa: E402
 from chatterbox_cli.audio import StreamingWavWriter  # noqa: E402
 from chatterbox_cli.models.s3gen.s3gen import S3Gen  # noqa: E402
 from chatterbox_cli.models.t3 import T3, Decoding  # noqa: E402
@@ -60,7 +63,11 @@ def main() -> None:
     parser.add_argument("--presets", default="fp16,bnb-8bit,bnb-4bit,bnb-4bit-swap")
     parser.add_argument("--repeat", type=int, default=2, help="runs per preset (the first loads cold)")
     parser.add_argument("--max-tokens", type=int, default=300)
+    parser.add_argument("--early", default="", help="PRESET=TOKENS,...: another early-piece length")
     args = parser.parse_args()
+    for item in filter(None, args.early.split(",")):
+        name, tokens = item.split("=")
+        presets.PRESETS[name] = dataclasses.replace(presets.PRESETS[name], early_tokens=int(tokens))
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "t3_cfg.safetensors").exists():
         write_random_checkpoint(checkpoint, "full", seed=0)
@@ -70,6 +77,7 @@ def main() -> None:
     probe(Decoding, "run", "T3 decode steps")
     probe(S3Gen, "synthesize", "S3Gen render")
     probe(StreamingWavWriter, "write", "WAV write")
+    probe(service.LoadedModel, "use", "turn on the GPU")  # bnb-4bit-swap's moves between T3 and S3Gen
     probe(service, "warm_up", "warm-up")  # the CLI's first_audio_s counts from its end
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -94,6 +102,7 @@ def main() -> None:
             ]
             run = {
                 "preset": summary["preset"],
+                "early_tokens": presets.PRESETS[preset].early_tokens,
                 "repeat": repeat,
                 "first_audio_s": timings["first_audio_s"],  # type: ignore[index]
                 "warm_up_s": timings["warm_up_s"],  # type: ignore[index]

@@ -361,15 +361,17 @@ def estimate_plan(
     take_turns = preset is not None and preset.take_turns
     parked = parts["mel2wav"].weights_bytes if preset is not None and preset.park_vocoder else 0
     t3_weights, s3gen_weights = components["t3"].weights_bytes, components["s3gen"].weights_bytes
+    # The first chunk's early piece is rendered while that chunk's KV cache waits on the GPU (vocoder on the
+    # GPU); taking turns, with S3Gen in T3's place.
+    early_tokens = preset.early_tokens if preset is not None else EARLY_TOKENS
+    early_kv = kv_cache_bytes(shape, max_tokens, 1, cfg, text_tokens)
+    early = early_kv + s3gen_workspace_bytes(early_tokens, 1, cfg) if early_tokens else 0
     if take_turns:
-        workspace = max(t3_ws, s3gen_weights + s3_ws - t3_weights - kv, 0)
+        s3gen_turn = s3gen_weights + max(s3_ws, early)
+        workspace = max(t3_ws, s3gen_turn - t3_weights - kv, 0)
         resident = t3_weights
         components["s3gen"].resident = False
     else:
-        # The first chunk's early piece is rendered while T3 holds that chunk's KV cache (vocoder on the GPU).
-        early_tokens = preset.early_tokens if preset is not None else EARLY_TOKENS
-        early_kv = kv_cache_bytes(shape, max_tokens, 1, cfg, text_tokens)
-        early = early_kv + s3gen_workspace_bytes(early_tokens, 1, cfg) if early_tokens else 0
         workspace = max(t3_ws - parked, s3_ws - kv, early - kv, 0)
         resident = t3_weights + s3gen_weights
     voice_prep = components["voice_encoder"].weights_bytes

@@ -145,13 +145,12 @@ class Preset:
     # to the GPU for each S3Gen call (a few ms). For the presets that exist to fit small cards.
     park_vocoder: bool = False
     # T3 and S3Gen take turns on the GPU: whichever is not running waits in host memory, moved over PCIe at
-    # each group of chunks. GPU memory is then the larger of the two turns instead of their sum; the first
-    # chunk has no early piece (it would need both at once). The step below the all-resident presets.
+    # each group of chunks (and around the first chunk's early piece, while its KV cache stays). GPU memory
+    # is then the larger of the two turns instead of their sum. The step below the all-resident presets.
     take_turns: bool = False
     # Speech tokens of the first chunk rendered early, while T3 decodes the rest (pipeline.synthesize), on
     # a GPU; 0: none. Fewer where decoding is slower, so that first audio comes as soon: bitsandbytes int8
-    # decodes at about half fp16's speed (README, Performance). Taking turns has none: it would need T3
-    # and S3Gen on the GPU at once.
+    # decodes at about half fp16's speed (README, Performance).
     early_tokens: int = EARLY_TOKENS
 
     @property
@@ -193,7 +192,6 @@ PRESETS: dict[str, Preset] = {
             0,
             {"t3": "nf4", "flow": "int8"},
             take_turns=True,
-            early_tokens=0,
         ),
     )
 }

@@ -454,7 +454,6 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
     if model.device.type != "cuda":
         return 0.0
     started = time.perf_counter()
-    # Taking turns has no early piece: its first S3Gen call renders a whole chunk; warm one of 48 tokens.
     n = model.early_tokens or presets.EARLY_TOKENS
     generator = torch.Generator(model.device).manual_seed(0)
     text, _ = pipeline.text_tokens(model.tokenizer, first_chunk, 0, model.t3.config.text_positions)
@@ -470,11 +469,11 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
         ignore_stop=True,
     )
     decoding.run(until=n)
-    del decoding
-    model.use("s3gen")
+    model.use("s3gen")  # the early piece's turn, with the KV cache on the GPU as in pipeline.synthesize
     tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
     gen = conds.gen.to(model.device, model.flow_dtype)
     model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=not model.takes_turns)
+    del decoding
     model.use("t3")  # the first chunk starts with T3: its move is not part of the first audio
     torch.cuda.synchronize(model.device)
     return time.perf_counter() - started
