@@ -196,7 +196,7 @@ def _resolve_local(model: str, variant: Variant) -> Checkpoint:
     if missing:
         other = variant_of_folder({p.name for p in folder.iterdir()})
         hint = (
-            f" It holds the {other.name} checkpoint: pass --variant {other.name}, or"
+            f" It holds the {other.name} checkpoint: pass --variant {other.name} to use it."
             if other is not None and other != variant
             else ""
         )
@@ -250,20 +250,25 @@ def resolve_checkpoint(
     revision: str | None = None,
     allow_download: bool = True,
     progress: bool = True,
-    variant: Variant = ENGLISH,
+    variant: Variant | None = None,
 ) -> Checkpoint:
     """Find the checkpoint `model` names: an existing folder, else a hub repo in the cache, else a download.
-    The files looked for are `variant`'s (variants.Variant.all_files).
+    The files looked for are `variant`'s (variants.Variant.all_files); None: the variant a local folder
+    holds, else English.
 
     Raises CheckpointError (exit code 3) naming what is missing and the command that gets it.
     """
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
     if Path(model).expanduser().is_dir() or looks_like_path(model):
-        if revision is not None and Path(model).expanduser().is_dir():
+        folder = Path(model).expanduser()
+        if revision is not None and folder.is_dir():
             raise UsageError(f"--revision {revision} applies to hub repos, not to the folder {model}")
-        return _resolve_local(model, variant)
+        if variant is None and folder.is_dir():
+            variant = variant_of_folder({p.name for p in folder.iterdir()})
+        return _resolve_local(model, variant or ENGLISH)
 
+    variant = variant or ENGLISH
     repo_id = model
     cache_dir = hub_cache_dir()
     try:

@@ -296,8 +296,22 @@ def synthesize(
         typer.Option(help="Drop tokens below this fraction of the top one.", rich_help_panel=_PANEL_VOICE),
     ] = 0.05,
     repetition_penalty: Annotated[
-        float, typer.Option(help="Penalty for repeated speech tokens.", rich_help_panel=_PANEL_VOICE)
-    ] = 1.2,
+        float | None,
+        typer.Option(
+            help="Penalty for repeated speech tokens. Default: the model's (English 1.2, multilingual 2.0).",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
+    language: Annotated[
+        str | None,
+        typer.Option(
+            help="Language code (see `chatterbox languages`); other than en, the multilingual model speaks. "
+            "Default: detected from the text (multilingual model) or English.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     seed: Annotated[
         int | None,
         typer.Option(help="Seed for reproducible audio (default: random).", rich_help_panel=_PANEL_VOICE),
@@ -313,6 +327,15 @@ def synthesize(
         float, typer.Option(help="Seconds of silence between chunks.", rich_help_panel=_PANEL_VOICE)
     ] = 0.1,
     model: Annotated[str, typer.Option(help=_MODEL_HELP, rich_help_panel=_PANEL_MODEL)] = DEFAULT_MODEL,
+    variant: Annotated[
+        Literal["english", "multilingual"] | None,
+        typer.Option(
+            help="Model variant. Default: what a local --model folder holds; multilingual with a "
+            "--language other than en; else english.",
+            rich_help_panel=_PANEL_MODEL,
+            show_default=False,
+        ),
+    ] = None,
     revision: Annotated[
         str | None,
         typer.Option(
@@ -379,6 +402,7 @@ def synthesize(
             top_p=top_p,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
+            language=language,
             seed=seed,
             flow_steps=flow_steps,
             max_tokens=max_tokens,
@@ -390,6 +414,7 @@ def synthesize(
             device=device,
             preset=preset,
             plan=plan,
+            variant=variant,
             max_tokens=max_tokens,
             batch=_parse_batch(batch),
             cfg_weight=cfg_weight,

@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Literal
@@ -30,8 +30,10 @@ from chatterbox_cli import __version__
 from chatterbox_cli.audio import StreamingWavWriter, Subtype, join_pause
 from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, pending, settings_hash
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
+from chatterbox_cli.languages import LANGUAGES, detect_language
 from chatterbox_cli.progress import Progress, stderr_is_terminal
 from chatterbox_cli.text import decode_text, read_text_file, split_items
+from chatterbox_cli.variants import variant_for
 
 if TYPE_CHECKING:
     # These pull in torch and the models: imported when a run starts, so `chatterbox --help` stays fast.
@@ -285,8 +287,11 @@ class _Runner:
     ) -> None:
         self.job, self.run, self.progress, self.interrupts = job, run, progress, interrupts
         self.notify, self.warn = notify, warn
-        self.request: LoadRequest = job.load
+        # --language other than English asks for the multilingual model (variants.variant_for)
+        variant = variant_for(job.load.variant, job.settings.language)
+        self.request: LoadRequest = replace(job.load, variant=variant.name if variant else None)
         self.settings: SynthesisSettings = job.settings.with_seed()  # one seed for the run, OOM step-down too
+        self.detected: set[str] = set()  # languages detected and announced so far
 
     def execute(self, text: str, items: list[BatchItem] | None, out_dir: Path | None) -> dict[str, object]:
         from chatterbox_cli import service
@@ -295,14 +300,14 @@ class _Runner:
         started = time.perf_counter()
         # The holder owns the model: a step-down on CUDA out-of-memory may replace it at any stage.
         self.holder: ModelHolder = service.ModelHolder(self.request, self.notify)
-        self.holder.model  # noqa: B018  (loads it now, stepping down if it does not fit)
+        self.settings = self.settings.for_variant(self.holder.model.variant)  # loads it now, stepping down
         run.load_s = time.perf_counter() - started
 
         # Text problems show before the voice is prepared.
         digest = None
-        work: list[tuple[BatchItem | None, list[str]]]
+        work: list[tuple[BatchItem | None, list[str], str]]  # item, its chunks, its language
         if items is None:
-            work = [(None, self.chunks_of(text))]
+            work = [(None, *self.chunks_of(text))]
         else:
             assert out_dir is not None
             digest = settings_hash(self.hash_inputs())
@@ -317,29 +322,31 @@ class _Runner:
             work = []
             for item in todo:
                 try:
-                    work.append((item, self.chunks_of(item.text)))
+                    work.append((item, *self.chunks_of(item.text)))
                 except UsageError as e:  # an item with nothing speakable becomes a short silence
                     self.warn(f"item {item.index} ({item.filename}): {e}; writing silence")
-                    work.append((item, []))
+                    work.append((item, [], self.settings.language or "en"))
 
         started = time.perf_counter()
         self.conds: Conditionals = self.holder.voice(job.voice, self.settings.exaggeration)
         run.voice_s = time.perf_counter() - started
         if job.save_voice is not None:
             self.save_voice(job.save_voice)
-        first_chunk = next((chunks[0] for _, chunks in work if chunks), None)
-        if first_chunk is not None:
-            run.warm_up_s = self.holder.warm_up(self.conds, first_chunk, self.settings)
+        first = next(((chunks[0], language) for _, chunks, language in work if chunks), None)
+        if first is not None:
+            chunk, language = first
+            run.warm_up_s = self.holder.warm_up(self.conds, chunk, replace(self.settings, language=language))
 
-        self.progress.start(len(work), sum(len(c) for _, c in work), sum(len(t) for _, c in work for t in c))
+        chunk_count = sum(len(c) for _, c, _ in work)
+        self.progress.start(len(work), chunk_count, sum(len(t) for _, c, _ in work for t in c))
         run.synth_started = time.perf_counter()
-        for item, chunks in work:
+        for item, chunks, language in work:
             if item is None:
                 assert job.output is not None
-                self.speak_into(job.output, chunks, self.settings, None)
+                self.speak_into(job.output, chunks, replace(self.settings, language=language), None)
             else:
                 assert out_dir is not None and digest is not None
-                self.speak_item(item, chunks, digest, out_dir)
+                self.speak_item(item, chunks, language, digest, out_dir)
             self.progress.item_done()
         self.progress.close()
         summary = self.summary(digest, out_dir)
@@ -350,19 +357,42 @@ class _Runner:
         )
         return summary
 
-    def chunks_of(self, text: str) -> list[str]:
+    def language_of(self, text: str) -> str:
+        """The language `text` is spoken in: --language, else the English model's, else detected (said in
+        one line per language). Text that looks foreign to the English model gets one hint per run."""
+        if self.settings.language is not None:
+            return self.settings.language
+        variant = self.holder.model.variant
+        detection = detect_language(text)
+        if len(variant.languages) == 1:
+            if detection.code not in variant.languages and not self.detected:
+                self.detected.add(detection.code)
+                name = LANGUAGES[detection.code].name
+                self.warn(
+                    f"the text looks {name} ({detection.reason}); the {variant.name} model reads it as "
+                    f"{LANGUAGES[variant.languages[0]].name}. For {name}: --language {detection.code}"
+                )
+            return variant.languages[0]
+        if detection.code not in self.detected:
+            self.detected.add(detection.code)
+            self.notify(f"language {detection.code}: {detection.reason}; --language chooses another")
+        return detection.code
+
+    def chunks_of(self, text: str) -> tuple[list[str], str]:
+        """The chunks of `text` and its language."""
         from chatterbox_cli import pipeline
 
-        tokenizer = self.holder.model.tokenizer
+        language = self.language_of(text)
+        tokenizer = self.holder.model.tokenizer.for_language(language)
         chunks, dropped = pipeline.prepare_chunks(tokenizer, text, self.settings.chunk_tokens)
         new = [c for c in dropped if c not in self.run.dropped]
         if new:
             self.run.dropped.extend(new)
             self.warn(
-                f"dropped {len(new)} character(s) the English model has no tokens for: "
-                f"{pipeline.describe_chars(new)}"
+                f"dropped {len(new)} character(s) the {self.holder.model.variant.name} model has no tokens "
+                f"for in {LANGUAGES[language].name}: {pipeline.describe_chars(new)}"
             )
-        return chunks
+        return chunks, language
 
     def hash_inputs(self) -> dict[str, object]:
         """Everything that changes an item's audio or file, for the settings hash. The run's own random
@@ -372,6 +402,7 @@ class _Runner:
         values.update(
             model=job.load.model,
             revision=job.load.revision or self.holder.checkpoint.revision,
+            variant=self.request.variant,  # None: the folder's own, which the model path names
             preset=job.load.preset,
             plan=job.load.plan,
             voice="builtin" if job.voice is None else _file_digest(job.voice),
@@ -393,6 +424,7 @@ class _Runner:
             "chunks": 0,
             "chunks_total": len(chunks),
             "seed": settings.seed,
+            "language": settings.language,
         }
         if item is not None:
             entry["text"] = item.text
@@ -427,8 +459,10 @@ class _Runner:
             writer.close()
         return entry
 
-    def speak_item(self, item: BatchItem, chunks: list[str], digest: str, out_dir: Path) -> None:
-        settings = self.settings.for_item(item.index)
+    def speak_item(
+        self, item: BatchItem, chunks: list[str], language: str, digest: str, out_dir: Path
+    ) -> None:
+        settings = replace(self.settings.for_item(item.index), language=language)
         part = partial_path(out_dir, item)
         try:
             entry = self.speak_into(part, chunks, settings, item)
@@ -454,6 +488,7 @@ class _Runner:
                         "preset": self.holder.model.preset,
                         "device": str(self.holder.model.device),
                         "seed": settings.seed,
+                        "language": language,
                         "settings_hash": digest,
                     }
                 )

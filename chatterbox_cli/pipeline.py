@@ -19,12 +19,14 @@ import torch
 
 from chatterbox_cli.audio import crossfade, fade_edges, join_pause
 from chatterbox_cli.errors import UsageError
+from chatterbox_cli.languages import LANGUAGES, find_language
 from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, Conditionals
 from chatterbox_cli.models.s3gen import S3Gen
 from chatterbox_cli.models.sampling import SamplingSettings
-from chatterbox_cli.models.t3 import T3
-from chatterbox_cli.models.tokenizer import EnTokenizer
-from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chars_in_vocab, chunk_text, normalize, strip_unspeakable
+from chatterbox_cli.models.t3 import T3, T3Config
+from chatterbox_cli.models.tokenizer import CheckpointTokenizer, TextTokenizer
+from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chunk_text, normalize, strip_unspeakable
+from chatterbox_cli.variants import Variant
 
 SAMPLE_RATE = 24_000
 MAX_SEED = 2**63 - 1
@@ -41,7 +43,10 @@ class SpeechModel(Protocol):
 
     t3: T3
     s3gen: S3Gen
-    tokenizer: EnTokenizer
+    tokenizer: CheckpointTokenizer
+
+    @property
+    def variant(self) -> Variant: ...
 
     @property
     def device(self) -> torch.device: ...
@@ -60,14 +65,16 @@ class SpeechModel(Protocol):
 
 @dataclass(frozen=True)
 class SynthesisSettings:
-    """Everything that changes the audio of a text. Defaults are the reference's English defaults."""
+    """Everything that changes the audio of a text. Defaults are the reference's defaults; None: the
+    model variant's own (variants.Variant)."""
 
     exaggeration: float = 0.5
     cfg_weight: float = 0.5
     temperature: float = 0.8
     top_p: float = 1.0
     min_p: float = 0.05
-    repetition_penalty: float = 1.2
+    repetition_penalty: float | None = None  # None: the variant's (English 1.2, multilingual 2.0)
+    language: str | None = None  # a code of languages.LANGUAGES; None: English, or detected (jobs)
     seed: int | None = None  # None: a random seed per run (see `with_seed`)
     flow_steps: int = 10
     max_tokens: int = 1000  # speech tokens per chunk (25 per second of audio)
@@ -75,7 +82,9 @@ class SynthesisSettings:
     chunk_tokens: int = DEFAULT_MAX_TOKENS  # text tokens per chunk at most
 
     def __post_init__(self) -> None:
-        self.sampling()  # validates temperature, top_p, min_p and repetition_penalty
+        self.sampling(1.0)  # validates temperature, top_p, min_p and repetition_penalty
+        if self.language is not None:
+            object.__setattr__(self, "language", find_language(self.language).code)  # "FR" -> "fr"
         if not 0.0 <= self.exaggeration <= 10.0:
             raise UsageError(
                 f"--exaggeration must be between 0 and 10 (0.5 is neutral), got {self.exaggeration}"
@@ -97,13 +106,18 @@ class SynthesisSettings:
         if self.chunk_tokens < 8:
             raise UsageError(f"chunk_tokens must be >= 8, got {self.chunk_tokens}")
 
-    def sampling(self) -> SamplingSettings:
+    def sampling(self, default_penalty: float) -> SamplingSettings:
+        """T3's sampling; `default_penalty` (the variant's) where repetition_penalty is None."""
+        penalty = default_penalty if self.repetition_penalty is None else self.repetition_penalty
         return SamplingSettings(
-            temperature=self.temperature,
-            min_p=self.min_p,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
+            temperature=self.temperature, min_p=self.min_p, top_p=self.top_p, repetition_penalty=penalty
         )
+
+    def for_variant(self, variant: Variant) -> SynthesisSettings:
+        """These settings with the variant's defaults filled in where they were left to it."""
+        if self.repetition_penalty is not None:
+            return self
+        return replace(self, repetition_penalty=variant.repetition_penalty)
 
     def to_dict(self) -> dict[str, object]:
         """Plain values for JSON output and the batch settings hash (seed None means "any seed")."""
@@ -149,20 +163,27 @@ class AudioChunk:
 
 
 def prepare_chunks(
-    tokenizer: EnTokenizer, text: str, chunk_tokens: int = DEFAULT_MAX_TOKENS
+    tokenizer: TextTokenizer, text: str, chunk_tokens: int = DEFAULT_MAX_TOKENS
 ) -> tuple[list[str], list[str]]:
-    """Chunks of `text` for `synthesize`, and the characters removed because the vocabulary lacks them.
+    """Chunks of `text` for `synthesize` (cut on `tokenizer.language`'s sentence punctuation), and the
+    characters removed because the vocabulary lacks them.
 
     Raises UsageError when nothing speakable is left.
     """
-    kept, dropped = strip_unspeakable(text, chars_in_vocab(tokenizer.tokenizer.get_vocab()))
+    kept, dropped = strip_unspeakable(text, tokenizer.speaks)
     try:
-        chunks = chunk_text(kept, chunk_tokens, count_tokens=lambda piece: len(tokenizer.encode(piece)))
+        chunks = chunk_text(
+            kept,
+            chunk_tokens,
+            count_tokens=lambda piece: len(tokenizer.encode(piece)),
+            language=tokenizer.language,
+        )
     except UsageError as e:
         if dropped:
             raise UsageError(
-                f"no text to speak: the English model has no tokens for any of its letters "
-                f"(dropped: {describe_chars(dropped)}); give English text"
+                f"no text to speak: the tokenizer has no tokens for any of its letters in "
+                f"{LANGUAGES[tokenizer.language].name} (dropped: {describe_chars(dropped)}); "
+                + ("give English text" if tokenizer.language == "en" else "check --language")
             ) from e
         raise
     return chunks, dropped
@@ -175,20 +196,24 @@ def describe_chars(chars: Sequence[str], limit: int = 12) -> str:
     return shown + (f" and {more} more" if more > 0 else "")
 
 
-def text_tokens(tokenizer: EnTokenizer, chunk: str, index: int, limit: int) -> tuple[torch.Tensor, list[str]]:
-    """Start/stop-wrapped token ids of the normalized chunk, without characters that would become [UNK],
-    and the characters dropped. UsageError if there are more than `limit` (T3's text positions)."""
-    normalized = normalize(chunk)
+def text_tokens(
+    tokenizer: TextTokenizer, chunk: str, index: int, config: T3Config
+) -> tuple[torch.Tensor, list[str]]:
+    """Token ids of the normalized chunk between T3's start and stop text tokens (the model's, whatever
+    the tokenizer's vocabulary calls them, as the reference pads them), without characters that would
+    become [UNK], and the characters dropped. UsageError if T3 has fewer text positions."""
+    normalized = normalize(chunk, tokenizer.language)
     report = tokenizer.encode_report(normalized)
     dropped = [*report.unknown_chars, *[c for c in report.dropped_chars if not c.isspace()]]
+    ids = report.ids
     if report.unknown_chars:
         unknown = set(report.unknown_chars)
-        normalized = " ".join("".join(c for c in normalized if c not in unknown).split())
-    tokens = tokenizer.text_to_tokens(normalized)
-    if tokens.numel() > limit:
+        ids = tokenizer.encode(" ".join("".join(c for c in normalized if c not in unknown).split()))
+    tokens = torch.tensor([config.start_text_token, *ids, config.stop_text_token], dtype=torch.long)
+    if tokens.numel() > config.text_positions:
         raise UsageError(
-            f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's {limit}; "
-            "cut the text into shorter sentences"
+            f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's "
+            f"{config.text_positions}; cut the text into shorter sentences"
         )
     return tokens, dropped
 
@@ -240,11 +265,11 @@ def synthesize(
     limit = t3.config.speech_positions - 1
     if settings.max_tokens > limit:
         raise UsageError(f"--max-tokens {settings.max_tokens} is more than this model allows ({limit})")
-    sampling = settings.sampling()
+    sampling = settings.sampling(model.variant.repetition_penalty)
+    tokenizer = model.tokenizer.for_language(settings.language)
     t3_cond = conds.t3.to(device)
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
     gen_cond = conds.gen.to(device, model.flow_dtype)
-    text_limit = t3.config.text_positions
 
     def s3gen_generator(index: int) -> torch.Generator:  # S3Gen's noise, apart from T3's sampling
         return torch.Generator(device=device).manual_seed(derive_seed(settings.seed, "s3gen", index))
@@ -252,7 +277,7 @@ def synthesize(
     for group in batch_groups(len(chunks), batch_size):
         indices = [first_index + i for i in group]
         texts = [chunks[i] for i in group]
-        prepared = [text_tokens(model.tokenizer, chunks[i], first_index + i, text_limit) for i in group]
+        prepared = [text_tokens(tokenizer, chunks[i], first_index + i, t3.config) for i in group]
         model.use("t3")  # its turn on the GPU, when T3 and S3Gen take turns (service.LoadedModel.use)
         seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
         generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]

@@ -36,12 +36,13 @@ from chatterbox_cli.checkpoint import (  # noqa: E402
     validate,
 )
 from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError  # noqa: E402
+from chatterbox_cli.variants import Variant, get_variant  # noqa: E402
 
 if TYPE_CHECKING:
     from chatterbox_cli.models.conds import Conditionals
     from chatterbox_cli.models.s3gen import S3Gen
     from chatterbox_cli.models.t3 import T3
-    from chatterbox_cli.models.tokenizer import EnTokenizer
+    from chatterbox_cli.models.tokenizer import CheckpointTokenizer
     from chatterbox_cli.pipeline import AudioChunk, SynthesisSettings
     from chatterbox_cli.quantize import QuantReport
 
@@ -61,6 +62,7 @@ class LoadRequest:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     preset: str = "auto"  # auto | fp16 | bnb-8bit | bnb-4bit
     plan: str | None = None  # per-component overrides, e.g. "t3=nf4,flow=int8"
+    variant: str | None = None  # english | multilingual; None: what a local folder holds, else English
     max_tokens: int = 1000
     batch: int = 1  # chunks decoded together; 0: as many as free GPU memory allows (AUTO_BATCH_LIMIT)
     cfg_weight: float = 0.5
@@ -85,12 +87,16 @@ class LoadedModel:
     decision: Decision
     t3: T3
     s3gen: S3Gen  # flow + mel2wav; the voice-preparation parts are loaded only when needed
-    tokenizer: EnTokenizer
+    tokenizer: CheckpointTokenizer
     builtin_voice: Conditionals | None
     load_seconds: float
     quant: dict[str, QuantReport] = field(default_factory=dict)
     quant_cache: dict[str, str] = field(default_factory=dict)  # component -> "hit" | "miss" | "off"
     turn: str | None = None  # which part is on the GPU, when the model takes turns (see `use`)
+
+    @property
+    def variant(self) -> Variant:
+        return self.checkpoint.variant
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +174,10 @@ def resolve_device(spec: str) -> torch.device:
 
 
 def resolve(request: LoadRequest) -> Checkpoint:
-    checkpoint = resolve_checkpoint(request.model, request.revision, allow_download=request.allow_download)
+    variant = get_variant(request.variant) if request.variant is not None else None
+    checkpoint = resolve_checkpoint(
+        request.model, request.revision, allow_download=request.allow_download, variant=variant
+    )
     validate(checkpoint)
     return checkpoint
 
@@ -338,7 +347,7 @@ def load_decided(
     checkpoint: Checkpoint, decision: Decision, request: LoadRequest, notify: Notify = _quiet
 ) -> LoadedModel:
     from chatterbox_cli.models.conds import load_builtin_conds
-    from chatterbox_cli.models.tokenizer import EnTokenizer
+    from chatterbox_cli.models.tokenizer import open_tokenizer
 
     start = time.perf_counter()
     plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
@@ -349,7 +358,7 @@ def load_decided(
 
         move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
     t3, t3_report, t3_cache = _load_t3(checkpoint.file("t3"), decision, plan, use_cache, notify)
-    tokenizer = EnTokenizer(checkpoint.path("tokenizer.json"))
+    tokenizer = open_tokenizer(checkpoint.variant.tokenizer, checkpoint.file("tokenizer"))
     conds_path = checkpoint.file("conds")
     builtin = load_builtin_conds(conds_path) if conds_path.exists() else None
     if decision.device.type == "cuda":
@@ -456,7 +465,8 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
     started = time.perf_counter()
     n = model.early_tokens or presets.EARLY_TOKENS
     generator = torch.Generator(model.device).manual_seed(0)
-    text, _ = pipeline.text_tokens(model.tokenizer, first_chunk, 0, model.t3.config.text_positions)
+    tokenizer = model.tokenizer.for_language(settings.language)
+    text, _ = pipeline.text_tokens(tokenizer, first_chunk, 0, model.t3.config)
     model.use("t3")
     cond = conds.t3.to(model.device)
     decoding = model.t3.start_batch(
@@ -464,7 +474,7 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
         cond,
         max_new_tokens=settings.max_tokens,
         cfg_weight=settings.cfg_weight,
-        sampling=settings.sampling(),
+        sampling=settings.sampling(model.variant.repetition_penalty),
         generators=[generator],
         ignore_stop=True,
     )

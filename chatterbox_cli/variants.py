@@ -20,6 +20,9 @@ from chatterbox_cli.languages import LANGUAGES
 
 Role = Literal["t3", "s3gen", "ve", "tokenizer", "conds"]
 ROLES: tuple[Role, ...] = ("t3", "s3gen", "ve", "tokenizer", "conds")
+# english: a BPE, spaces spelled [SPACE]; grapheme: lower-cased NFKD graphemes with a [xx] language token and
+# per-language steps (models/mtl_tokenizer.py). models.tokenizer.open_tokenizer reads either.
+TokenizerKind = Literal["english", "grapheme"]
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,7 @@ class Variant:
     name: str
     description: str
     files: dict[Role, str]  # the checkpoint file of each role
+    tokenizer: TokenizerKind
     languages: tuple[str, ...]
     repetition_penalty: float  # the reference's default for this variant
     extra_files: tuple[str, ...] = ()  # fetched with the others; needed by the tokenizer for some languages
@@ -50,6 +54,7 @@ ENGLISH = Variant(
         "tokenizer": "tokenizer.json",
         "conds": "conds.pt",
     },
+    tokenizer="english",
     languages=("en",),
     repetition_penalty=1.2,
 )
@@ -64,6 +69,7 @@ MULTILINGUAL = Variant(
         "tokenizer": "grapheme_mtl_merged_expanded_v1.json",
         "conds": "conds.pt",
     },
+    tokenizer="grapheme",
     languages=tuple(LANGUAGES),
     repetition_penalty=2.0,
     extra_files=("Cangjie5_TC.json",),
@@ -78,9 +84,9 @@ def get_variant(name: str) -> Variant:
     return VARIANTS[name]
 
 
-def variant_for(variant: str | None, language: str | None) -> Variant:
-    """The variant a run uses: `--variant` if given (it must speak `language`), else multilingual for any
-    language but English, else English."""
+def variant_for(variant: str | None, language: str | None) -> Variant | None:
+    """The variant a run asks for: `--variant` if given (it must speak `language`), else multilingual for
+    any language but English, else None: whichever the checkpoint holds (a local folder's, else English)."""
     if variant is not None:
         chosen = get_variant(variant)
         if language is not None and language not in chosen.languages:
@@ -96,7 +102,7 @@ def variant_for(variant: str | None, language: str | None) -> Variant:
                 f"{', '.join(MULTILINGUAL.languages)}"
             )
         return MULTILINGUAL
-    return ENGLISH
+    return None
 
 
 def variant_of_folder(present: set[str]) -> Variant | None:

@@ -254,6 +254,7 @@ SETTING_CHANGES: dict[str, object] = {
     "max_tokens": 500,
     "pause_seconds": 0.3,
     "chunk_tokens": 40,
+    "language": "fr",
 }
 
 
@@ -277,7 +278,13 @@ def test_each_synthesis_setting_changes_the_hash(tmp_path: Path, name: str, valu
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("model", "other/model"), ("revision", "rev2"), ("preset", "bnb-4bit"), ("plan", "t3=nf4")],
+    [
+        ("model", "other/model"),
+        ("revision", "rev2"),
+        ("preset", "bnb-4bit"),
+        ("plan", "t3=nf4"),
+        ("variant", "multilingual"),
+    ],
 )
 def test_each_load_setting_changes_the_hash(tmp_path: Path, name: str, value: str) -> None:
     assert _job_hash(tmp_path, **{name: value}) != _job_hash(tmp_path)

@@ -155,9 +155,19 @@ def test_text_is_lowercased_and_nfkd_normalized(tok: MtlTokenizer) -> None:
 
 def test_text_to_tokens_adds_start_and_stop(tok: MtlTokenizer) -> None:
     tokens = tok.text_to_tokens("Hej då", "sv")
-    assert tokens.dtype == torch.long and tokens.shape == (1, len(tok.encode("Hej då", "sv")) + 2)
-    assert tokens[0, 0].item() == tok.start_id and tokens[0, -1].item() == tok.stop_id
-    assert tokens[0, 1:-1].tolist() == tok.encode("Hej då", "sv")
+    assert tokens.dtype == torch.long and tokens.shape == (len(tok.encode("Hej då", "sv")) + 2,)
+    assert tokens[0].item() == tok.start_id and tokens[-1].item() == tok.stop_id
+    assert tokens[1:-1].tolist() == tok.encode("Hej då", "sv")
+
+
+def test_bound_to_a_language_it_encodes_as_that_language(tok: MtlTokenizer) -> None:
+    swedish = tok.for_language("SV")
+    assert swedish.language == "sv"
+    assert swedish.encode("Hej då") == tok.encode("Hej då", "sv") != tok.encode("Hej då", "da")
+    assert swedish.encode_report("Hej 😀").unknown_chars == ["😀"]
+    assert swedish.speaks("å") and not swedish.speaks("😀")
+    with pytest.raises(UsageError, match="--language"):
+        tok.for_language(None)
 
 
 def test_report_names_unknown_and_dropped_input_characters(tok: MtlTokenizer) -> None:

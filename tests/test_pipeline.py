@@ -11,6 +11,7 @@ import torch
 from chatterbox_cli import pipeline, service
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.pipeline import SynthesisSettings
+from chatterbox_cli.variants import ENGLISH, MULTILINGUAL
 
 FAST = {"max_tokens": 20, "flow_steps": 2}
 SENTENCES = [f"Sentence number {i} is here, and it goes on for a little while with words." for i in range(3)]
@@ -29,14 +30,13 @@ def conds(loaded: service.LoadedModel):  # noqa: ANN201
 
 def test_settings_defaults_are_the_reference_ones() -> None:
     s = SynthesisSettings()
-    assert (s.exaggeration, s.cfg_weight, s.temperature, s.top_p, s.min_p, s.repetition_penalty) == (
-        0.5,
-        0.5,
-        0.8,
-        1.0,
-        0.05,
-        1.2,
-    )
+    assert (s.exaggeration, s.cfg_weight, s.temperature, s.top_p, s.min_p) == (0.5, 0.5, 0.8, 1.0, 0.05)
+    # the repetition penalty and the language are the model variant's
+    assert s.repetition_penalty is None and s.language is None
+    assert s.for_variant(ENGLISH).repetition_penalty == s.sampling(1.2).repetition_penalty == 1.2
+    assert s.for_variant(MULTILINGUAL).repetition_penalty == 2.0
+    assert SynthesisSettings(repetition_penalty=1.5).for_variant(MULTILINGUAL).repetition_penalty == 1.5
+    assert SynthesisSettings(language="FR").language == "fr"
     assert (s.seed, s.flow_steps, s.max_tokens, s.pause_seconds) == (None, 10, 1000, 0.1)
     assert s.to_dict()["seed"] is None and set(s.to_dict()) >= {"temperature", "flow_steps", "pause_seconds"}
 
@@ -53,6 +53,7 @@ def test_settings_defaults_are_the_reference_ones() -> None:
         {"max_tokens": 0},
         {"pause_seconds": -1},
         {"seed": -5},
+        {"language": "xx"},
     ],
 )
 def test_bad_settings_are_usage_errors(bad: dict[str, float]) -> None:

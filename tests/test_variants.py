@@ -33,8 +33,8 @@ def mtl(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_a_language_other_than_english_implies_multilingual() -> None:
-    assert variant_for(None, None) is ENGLISH
-    assert variant_for(None, "en") is ENGLISH
+    assert variant_for(None, None) is None  # the checkpoint's own
+    assert variant_for(None, "en") is None
     assert variant_for(None, "fr") is MULTILINGUAL
     assert variant_for("multilingual", "en") is MULTILINGUAL
     with pytest.raises(UsageError, match="--variant english does not speak 'fr'"):
@@ -57,8 +57,9 @@ def test_the_resolver_finds_each_variant_and_names_the_other(mtl: Path, tiny_che
     found = resolve_checkpoint(str(mtl), variant=MULTILINGUAL)
     assert found.variant is MULTILINGUAL and found.folder == mtl.resolve()
     assert validate(found)["t3_mtl23ls_v2.safetensors"]
+    assert resolve_checkpoint(str(mtl)).variant is MULTILINGUAL  # no variant asked: the folder's own
     with pytest.raises(CheckpointError, match="the multilingual checkpoint: pass --variant multilingual"):
-        resolve_checkpoint(str(mtl))
+        resolve_checkpoint(str(mtl), variant=ENGLISH)
     with pytest.raises(CheckpointError, match="holds the english checkpoint: pass --variant english"):
         resolve_checkpoint(tiny_checkpoint, variant=MULTILINGUAL)
 

@@ -29,6 +29,8 @@ Known differences from the reference:
     characters (or the entries after the first bad one) unconverted.
   - `text_to_tokens` wraps the ids in [START] ... [STOP] like our EnTokenizer; the reference's does not
     (its caller pads them on).
+
+`for_language(code)` binds it to one language (models.tokenizer.TextTokenizer), as the pipeline uses it.
 """
 
 from __future__ import annotations
@@ -230,9 +232,16 @@ class MtlTokenizer:
         return self.tokenizer.encode(self.prepare(text, language)).ids
 
     def text_to_tokens(self, text: str, language: str) -> torch.Tensor:
-        """LongTensor [1, T] = start, encode(text, language), stop — what T3 decoding takes."""
-        ids = [self.start_id, *self.encode(text, language), self.stop_id]
-        return torch.tensor([ids], dtype=torch.long)
+        """LongTensor [T] = start, encode(text, language), stop — what T3 decoding takes."""
+        return torch.tensor([self.start_id, *self.encode(text, language), self.stop_id], dtype=torch.long)
+
+    def for_language(self, language: str | None) -> LanguageTokenizer:
+        if language is None:
+            raise UsageError("the multilingual model needs a language; pass --language (e.g. --language fr)")
+        return LanguageTokenizer(self, find_language(language).code)
+
+    def speaks(self, char: str, language: str) -> bool:
+        return self._status(char, find_language(language)) == "ok"
 
     def _status(self, char: str, lang: Language) -> str:
         """'ok', 'unknown' or 'dropped' for one input character, put through the steps on its own."""
@@ -262,3 +271,19 @@ class MtlTokenizer:
             elif status == "dropped":
                 dropped.append(char)
         return EncodedText(ids, unknown, dropped)
+
+
+class LanguageTokenizer:
+    """The multilingual tokenizer bound to one language (models.tokenizer.TextTokenizer)."""
+
+    def __init__(self, tokenizer: MtlTokenizer, language: str) -> None:
+        self.tokenizer, self.language = tokenizer, language
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, self.language)
+
+    def encode_report(self, text: str) -> EncodedText:
+        return self.tokenizer.encode_report(text, self.language)
+
+    def speaks(self, char: str) -> bool:
+        return self.tokenizer.speaks(char, self.language)

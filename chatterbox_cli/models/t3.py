@@ -898,7 +898,7 @@ class T3(nn.Module):
         if int(tokens[0, 0]) != cfg.start_text_token or int(tokens[0, -1]) != cfg.stop_text_token:
             raise ValueError(
                 f"text tokens must start with {cfg.start_text_token} and end with {cfg.stop_text_token} "
-                "(use EnTokenizer.text_to_tokens)"
+                "(pipeline.text_tokens wraps them)"
             )
         if tokens.shape[1] > cfg.text_positions:
             raise ValueError(

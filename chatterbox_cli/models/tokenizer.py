@@ -1,4 +1,8 @@
-"""The English text tokenizer: `tokenizer.json` (a 704-token BPE) read with the `tokenizers` package.
+"""Text tokenizers: what they share (`TextTokenizer`, `open_tokenizer`) and the English one.
+
+The English tokenizer is `tokenizer.json` (a 704-token BPE) read with the `tokenizers` package; the
+multilingual one is in mtl_tokenizer.py. A checkpoint's tokenizer is bound to one language with
+`for_language` before it encodes: the pipeline only sees a `TextTokenizer`.
 
 Spaces are spelled as the special token "[SPACE]" before encoding (the BPE's whitespace pre-tokenizer
 would otherwise drop them). Other whitespace (tabs, newlines) is dropped by that pre-tokenizer, and
@@ -10,11 +14,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from tokenizers import Tokenizer
 
-from chatterbox_cli.errors import CheckpointError
+from chatterbox_cli.errors import CheckpointError, UsageError
+from chatterbox_cli.text import chars_in_vocab
+from chatterbox_cli.variants import TokenizerKind
 
 START = "[START]"
 STOP = "[STOP]"
@@ -29,7 +36,40 @@ class EncodedText:
     dropped_chars: list[str]  # produced no token at all (whitespace other than " ")
 
 
+class TextTokenizer(Protocol):
+    """A tokenizer bound to one language: what chunks are counted, checked and encoded with."""
+
+    @property
+    def language(self) -> str: ...  # its code, "en" for English
+
+    def encode(self, text: str) -> list[int]: ...  # ids, no start/stop
+
+    def encode_report(self, text: str) -> EncodedText: ...
+
+    def speaks(self, char: str) -> bool: ...  # False: the character would become [UNK] or nothing
+
+
+class CheckpointTokenizer(Protocol):
+    """A checkpoint's tokenizer, as a loaded model holds it."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    def for_language(self, language: str | None) -> TextTokenizer: ...
+
+
+def open_tokenizer(kind: TokenizerKind, path: Path) -> CheckpointTokenizer:
+    """The tokenizer a variant names (variants.Variant.tokenizer), read from `path`."""
+    if kind == "grapheme":
+        from chatterbox_cli.models.mtl_tokenizer import MtlTokenizer
+
+        return MtlTokenizer(path)
+    return EnTokenizer(path)
+
+
 class EnTokenizer:
+    language = "en"
+
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
         try:
@@ -44,6 +84,14 @@ class EnTokenizer:
         self.stop_id = vocab[STOP]
         self.unk_id = vocab[UNK]
         self._char_status: dict[str, str] = {}
+        self._in_vocab = chars_in_vocab(vocab)
+
+    def for_language(self, language: str | None) -> EnTokenizer:
+        if language not in (None, "en"):
+            raise UsageError(
+                f"the English model does not speak {language!r}; use --variant multilingual for it"
+            )
+        return self
 
     @property
     def vocab_size(self) -> int:
@@ -52,6 +100,9 @@ class EnTokenizer:
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` (no start/stop), like the reference EnTokenizer.encode."""
         return self.tokenizer.encode(text.replace(" ", SPACE)).ids
+
+    def speaks(self, char: str) -> bool:
+        return self._in_vocab(char)  # a BPE over characters: those that are tokens on their own
 
     def _status(self, char: str) -> str:
         """'ok', 'unknown' or 'dropped' for one character (cached)."""
