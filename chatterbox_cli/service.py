@@ -358,6 +358,10 @@ def load_decided(
 
         move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
     t3, t3_report, t3_cache = _load_t3(checkpoint.file("t3"), decision, plan, use_cache, notify)
+    if checkpoint.variant.alignment_guard:
+        from chatterbox_cli.models.alignment import alignment_heads
+
+        t3.alignment_heads = alignment_heads(t3.config.n_layers, t3.config.n_heads)
     tokenizer = open_tokenizer(checkpoint.variant.tokenizer, checkpoint.file("tokenizer"))
     conds_path = checkpoint.file("conds")
     builtin = load_builtin_conds(conds_path) if conds_path.exists() else None

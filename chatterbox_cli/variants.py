@@ -33,6 +33,8 @@ class Variant:
     tokenizer: TokenizerKind
     languages: tuple[str, ...]
     repetition_penalty: float  # the reference's default for this variant
+    # T3 decodes under the alignment guard (models/alignment.py), which holds back or forces the stop token
+    alignment_guard: bool
     extra_files: tuple[str, ...] = ()  # fetched with the others; needed by the tokenizer for some languages
 
     @property
@@ -57,6 +59,7 @@ ENGLISH = Variant(
     tokenizer="english",
     languages=("en",),
     repetition_penalty=1.2,
+    alignment_guard=False,
 )
 
 MULTILINGUAL = Variant(
@@ -72,6 +75,7 @@ MULTILINGUAL = Variant(
     tokenizer="grapheme",
     languages=tuple(LANGUAGES),
     repetition_penalty=2.0,
+    alignment_guard=True,
     extra_files=("Cangjie5_TC.json",),
 )
 

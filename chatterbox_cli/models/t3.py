@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from chatterbox_cli.models.alignment import AlignmentGuard
 from chatterbox_cli.models.conds import T3Cond
 from chatterbox_cli.models.sampling import SamplingSettings, choose_next_token
 
@@ -286,10 +287,12 @@ class Attention(nn.Module):
         cache: Tensor | None = None,
         columns: Tensor | None = None,
         bias: Tensor | None = None,
+        watch: tuple[list[int], list[Tensor]] | None = None,
     ) -> Tensor:
         """Attention output before o_proj, [rows, T, inner]. Without a cache: causal over x. With one
         ([2, rows, H, capacity, D]): x's keys/values go to cache `columns` [T] and every query attends to
-        the whole cache under the additive `bias` [rows, 1, T, capacity]."""
+        the whole cache under the additive `bias` [rows, 1, T, capacity]. `watch` (heads, sink), with a
+        cache: each head's attention probabilities [rows, T, capacity] (float32) are appended to sink."""
         rows, length, _ = x.shape
         heads = rope(self.qkv(x).view(rows, length, 3 * self.n_heads, self.head_dim))
         q, kv = heads.split([self.n_heads, 2 * self.n_heads], dim=1)
@@ -299,6 +302,11 @@ class Attention(nn.Module):
         else:
             cache.index_copy_(3, columns, kv.unflatten(1, (2, self.n_heads)).transpose(0, 1))
             out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias)
+            if watch is not None:
+                heads, sink = watch
+                for head in heads:  # the probabilities SDPA does not return, for a few heads
+                    scores = q[:, head] @ cache[0][:, head].transpose(-1, -2) * self.head_dim**-0.5
+                    sink.append(torch.softmax(scores.float() + bias[:, 0].float(), dim=-1))
         return out.transpose(1, 2).reshape(rows, length, -1)
 
 
@@ -337,9 +345,10 @@ class DecoderLayer(nn.Module):
         cache: Tensor | None = None,
         columns: Tensor | None = None,
         bias: Tensor | None = None,
+        watch: tuple[list[int], list[Tensor]] | None = None,
     ) -> Tensor:
         """Updates the residual stream x in place (see add_linear_) and returns it."""
-        attn = self.self_attn(self.input_layernorm(x), rope, cache, columns, bias)
+        attn = self.self_attn(self.input_layernorm(x), rope, cache, columns, bias, watch)
         x = add_linear_(x, self.self_attn.o_proj, attn)
         return add_linear_(x, self.mlp.down_proj, self.mlp.hidden(self.post_attention_layernorm(x)))
 
@@ -385,13 +394,16 @@ class LlamaBackbone(nn.Module):
         columns: Tensor,
         positions: Tensor,
         key_valid: Tensor,
+        watch: Sequence[tuple[int, int]] = (),
+        sink: list[Tensor] | None = None,
     ) -> Tensor:
         """Run x [rows, T, hidden] against a KV cache (per layer [2 (k, v), rows, H, capacity, D]).
 
         x's keys and values are written to cache `columns` [T]; `positions` [rows, T] are their RoPE
         positions (a row padded on the left starts counting after its padding); `key_valid` [rows, capacity]
         is False at padding columns. A query sees valid columns up to its own, and always itself, so a
-        padding query's scores are never all masked.
+        padding query's scores are never all masked. The attention probabilities of the `watch`ed
+        (layer, head)s are appended to `sink`, in that order (see Attention.forward).
         """
         rows, length, _ = x.shape
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [rows, T, D], float32
@@ -407,8 +419,15 @@ class LlamaBackbone(nn.Module):
         bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, -math.inf)
         bias = bias[:, None]  # [rows, 1, T, capacity]
         x = x.clone()  # the layers add into the residual stream in place
-        for layer, layer_cache in zip(self.layers, cache, strict=True):
-            x = layer(x, rope, layer_cache, columns, bias)
+        heads: dict[int, list[int]] = {}
+        for layer_index, head in watch:
+            heads.setdefault(layer_index, []).append(head)
+        probs: dict[int, list[Tensor]] = {i: [] for i in heads}
+        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
+            x = layer(x, rope, layer_cache, columns, bias, (heads[i], probs[i]) if i in heads else None)
+        if watch:
+            assert sink is not None
+            sink.extend(probs[i][heads[i].index(head)] for i, head in watch)
         return self.norm(x)
 
 
@@ -517,8 +536,10 @@ def _decode_body(
     speech_position: Tensor,
     key_valid: Tensor,
     cache: Tensor,
-) -> Tensor:
-    """One token per text in (the first `texts` of `tokens`); next speech logits per row out ([rows, V]).
+) -> tuple[Tensor, Tensor | None]:
+    """One token per text in (the first `texts` of `tokens`); next speech logits per row out ([rows, V]),
+    and with `model.alignment_heads` those heads' mean attention of each text's conditional row over the
+    cache ([texts, capacity], float32), else None.
 
     Rows are the texts' conditional rows, then (per_text 2: CFG) their unconditional rows, which get the
     same token. The buffers are whole and sliced here, so compiled code sees fixed storage.
@@ -528,8 +549,12 @@ def _decode_body(
     if per_text > 1:
         emb = emb.repeat(per_text, 1, 1)
     views = layer_views(cache, rows)
-    hidden = model.tfmr.forward_cached(emb, views, column, positions[:rows, None], key_valid[:rows])
-    return model.speech_head(hidden[:, -1])
+    sink: list[Tensor] = []
+    hidden = model.tfmr.forward_cached(
+        emb, views, column, positions[:rows, None], key_valid[:rows], model.alignment_heads, sink
+    )
+    attention = torch.stack(sink).mean(dim=0)[:texts, -1] if sink else None
+    return model.speech_head(hidden[:, -1]), attention
 
 
 @functools.cache
@@ -561,6 +586,8 @@ class DecodeStep:
         *,
         length: int,
         ignore_stop: bool,
+        guard: AlignmentGuard | None = None,
+        text_columns: Tensor | None = None,
         cuda_graph: bool = True,
         compiled: bool = False,
     ) -> None:
@@ -574,7 +601,8 @@ class DecodeStep:
         config, device, rows = model.config, model.device, self.rows
         self.cache = KVCache(config, rows, capacity, device, model.dtype)
         self.logits = torch.zeros(rows, config.speech_vocab_size, dtype=model.dtype, device=device)
-        self.tokens = torch.zeros(self.texts, dtype=torch.long, device=device)
+        # the latest token of each text; the start token before the first (the alignment guard reads it)
+        self.tokens = torch.full((self.texts,), config.start_speech_token, dtype=torch.long, device=device)
         self.seen = torch.zeros(self.texts, config.speech_vocab_size, dtype=torch.bool, device=device)
         self.seen[:, config.start_speech_token] = True
         self.out = torch.zeros(self.texts, length, dtype=torch.long, device=device)  # [text, step]
@@ -586,6 +614,14 @@ class DecodeStep:
         self.pads = pads.to(device)
         self.key_valid = slots[None, :] >= self.pads[:, None]  # [rows, capacity]
         self.positions = torch.zeros(rows, dtype=torch.long, device=device)
+        # The multilingual alignment guard (models/alignment.py): its state, each text's cache columns of
+        # its text tokens [texts, S], and the watched heads' attention over them from the last step
+        # (zeros at the first step, where the guard does not read it).
+        self.guard = guard
+        if guard is not None:
+            assert text_columns is not None
+            self.text_columns = text_columns.to(device)
+            self.attention = torch.zeros(text_columns.shape, dtype=torch.float32, device=device)
         on_cuda = device.type == "cuda"
         # torch.compile(mode="reduce-overhead") only on CUDA (CPU inductor needs a C++ toolchain); it brings
         # its own CUDA graphs around the backbone, which need the buffers it mutates marked static.
@@ -630,6 +666,10 @@ class DecodeStep:
         if self.cfg_weight > 0:
             logits = combine_cfg(logits, self.cfg_weight)
         logits = logits.to(torch.float32, copy=True)
+        if self.guard is not None:
+            logits = self.guard.step(
+                self.attention[:texts], self.tokens[:texts], logits, config.stop_speech_token
+            )
         if self.ignore_stop:
             logits[:, config.stop_speech_token] = float("-inf")
         token = choose_next_token(logits, self.seen[:texts], self.sampling, self.generators[:texts])
@@ -638,7 +678,7 @@ class DecodeStep:
         self.tokens[:texts].copy_(token)
         self.step += 1
 
-    def _decode(self) -> Tensor:
+    def _decode(self) -> tuple[Tensor, Tensor | None]:
         body = _compiled_decode_body() if self.compiled else _decode_body
         return body(
             self.model,
@@ -654,7 +694,10 @@ class DecodeStep:
 
     def _advance(self) -> None:
         self._sample()
-        self.logits[: self.rows].copy_(self._decode())
+        logits, attention = self._decode()
+        self.logits[: self.rows].copy_(logits)
+        if attention is not None:
+            self.attention[: self.texts].copy_(attention.gather(1, self.text_columns[: self.texts]))
         self.column += 1
         self.positions += 1
         self.speech_position += 1
@@ -696,6 +739,11 @@ class DecodeStep:
         self.logits[:n] = self.logits[full]
         self.seen[: len(rows)] = self.seen[index]
         self.out_rows[: len(rows)] = self.out_rows[index]
+        self.tokens[: len(rows)] = self.tokens[index]
+        if self.guard is not None:
+            self.guard.keep(index)
+            self.text_columns[: len(rows)] = self.text_columns[index]
+            self.attention[: len(rows)] = self.attention[index]
         self.generators = [self.generators[r] for r in rows]
         self.texts = len(rows)
 
@@ -784,6 +832,9 @@ class T3(nn.Module):
         self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
         self.last_decode_mode = "none"  # how the last generate() ran its steps: eager, cuda-graph, ...
+        # (layer, head)s of the multilingual alignment guard (models/alignment.py); () decodes without it.
+        # Set by the loader from the variant (variants.Variant.alignment_guard).
+        self.alignment_heads: tuple[tuple[int, int], ...] = ()
         self.decode_pool: torch.cuda.MemPool | None = None  # CUDA-graph memory of decoding (DecodeStep)
         # The side stream of every capture's warm-up. One per model: freed blocks are cached for the stream
         # that used them, and cuBLAS keeps a workspace per stream, so a new stream per batch left about
@@ -984,6 +1035,15 @@ class T3(nn.Module):
             raise ValueError(f"{len(gens)} generators for {n} texts")
         tokens = [self._check_text_tokens(t) for t in texts]
         prompt, pads = self.batch_prompt(tokens, cond, cfg_weight > 0)
+        guard, text_columns = None, None
+        if self.alignment_heads:
+            lengths = torch.tensor([t.shape[1] for t in tokens], device=self.device)
+            guard = AlignmentGuard.start(lengths)
+            # every prompt ends at the same column: its text, then the start-of-speech token twice
+            first = prompt.shape[1] - 2 - lengths
+            text_columns = (first[:, None] + torch.arange(int(lengths.max()), device=self.device)).clamp(
+                max=prompt.shape[1] - 1
+            )
         length = max(limits)
         # capacity in whole blocks: texts of similar lengths share attention shapes (and kernel plans)
         capacity = -(-(prompt.shape[1] + length) // CAPACITY_BLOCK) * CAPACITY_BLOCK
@@ -996,6 +1056,8 @@ class T3(nn.Module):
             gens,
             length=length,
             ignore_stop=ignore_stop,
+            guard=guard,
+            text_columns=text_columns,
             cuda_graph=cuda_graph,
             compiled=compiled,
         )

@@ -52,7 +52,9 @@ DECODE_RUNS = [  # (torch seed, max_new_tokens, cfg_weight, temperature, min_p, 
 OUT = ROOT / "tests" / "fixtures" / "parity_t3.safetensors"
 
 
-def build_reference(ours: T3Config) -> torch.nn.Module:
+def build_reference(ours: T3Config, hp: RefT3Config | None = None, seed: int = SEED) -> torch.nn.Module:
+    """The reference T3 at our config's size (`hp`: its T3Config, English by default), holding our random
+    weights of `seed`."""
     LLAMA_CONFIGS["Llama_tiny"] = dict(
         LLAMA_520M_CONFIG_DICT,
         hidden_size=ours.hidden_size,
@@ -62,7 +64,7 @@ def build_reference(ours: T3Config) -> torch.nn.Module:
         num_key_value_heads=ours.n_heads,
         head_dim=ours.head_dim,
     )
-    hp = RefT3Config.english_only()
+    hp = hp or RefT3Config.english_only()
     hp.llama_config_name = "Llama_tiny"
     hp.max_text_tokens = ours.max_text_tokens
     hp.max_speech_tokens = ours.max_speech_tokens
@@ -72,7 +74,7 @@ def build_reference(ours: T3Config) -> torch.nn.Module:
 
     ref_cond_enc.Perceiver = tiny_perceiver
     model = ref_t3_module.T3(hp)
-    model.load_state_dict(random_state_dict(ours, SEED), strict=True)
+    model.load_state_dict(random_state_dict(ours, seed), strict=True)
     return model.eval()
 
 
