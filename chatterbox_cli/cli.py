@@ -444,6 +444,13 @@ def synthesize(
 @app.command()
 def estimate(
     model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    variant: Annotated[
+        Literal["english", "multilingual"] | None,
+        typer.Option(
+            help="Model variant. Default: what a local --model folder holds, else english.",
+            show_default=False,
+        ),
+    ] = None,
     revision: Annotated[
         str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
     ] = None,
@@ -483,6 +490,7 @@ def estimate(
             revision=revision,
             device=device,
             plan=plan,
+            variant=variant,
             max_tokens=max_tokens,
             batch=batch,
             cfg_weight=cfg_weight,

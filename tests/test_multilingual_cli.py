@@ -98,3 +98,19 @@ def test_text_tokens_take_t3s_start_and_stop_not_the_vocabularys(mtl: Path) -> N
     tokens, dropped = pipeline.text_tokens(tokenizer.for_language("de"), "Guten 😀Tag", 0, config)
     assert tokens[0] == config.start_text_token and tokens[-1] == config.stop_text_token
     assert tokens[1:-1].tolist() == tokenizer.encode("Guten Tag.", "de") and dropped == ["😀"]
+
+
+def test_estimate_reads_the_multilingual_t3_from_its_header(
+    mtl: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The multilingual T3 differs from English only in its text vocabulary (2,454 rows instead of 704, in
+    text_emb and text_head): at 16 bits its weights are that many rows of 2 x hidden x 2 bytes larger."""
+
+    def t3_bytes(*args: str) -> int:
+        capsys.readouterr()
+        assert run(["estimate", "--preset", "fp16", "--json", *args]) == 0
+        return json.loads(capsys.readouterr().out)["presets"]["fp16"]["components"]["t3"]["weights_bytes"]
+
+    english, multilingual = t3_bytes("--model", tiny_checkpoint), t3_bytes("--model", str(mtl))
+    assert multilingual - english == (2454 - 704) * 2 * T3Config.tiny().hidden_size * 2
+    assert t3_bytes("--model", str(mtl), "--variant", "multilingual") == multilingual
