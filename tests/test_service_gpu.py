@@ -131,10 +131,11 @@ def test_taking_turns_moves_t3_and_s3gen_and_keeps_their_audio(full_checkpoint: 
     layers included) changes no value: its chunks equal bnb-4bit's (batch 1), the first chunk's early
     piece included, which S3Gen renders in a turn of its own in the middle of T3's decoding."""
     texts = ["The first sentence is here.", "A second one follows it.", "And then a third."]
-    settings = SynthesisSettings(seed=7, max_tokens=60)
+    # 120 steps: random weights give about 3 codebook tokens in 4 steps, enough for the 48-token early piece
+    settings = SynthesisSettings(seed=7, max_tokens=120)
     audio, tokens = {}, {}
     for preset in ("bnb-4bit", "bnb-4bit-swap"):
-        request = service.LoadRequest(model=str(full_checkpoint), preset=preset, batch=1, max_tokens=60)
+        request = service.LoadRequest(model=str(full_checkpoint), preset=preset, batch=1, max_tokens=120)
         holder = service.ModelHolder(request)
         conds = holder.voice(None, 0.5)
         pieces = list(holder.speak(texts, conds, settings))
