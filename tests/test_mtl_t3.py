@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -62,49 +63,15 @@ def test_parity_teacher_forced_logits(t3: T3, fixture: Fixture) -> None:
     assert_close(combine_cfg(cfg.speech_logits, w), combine_cfg(fx["cfg_speech_logits"], w))
 
 
-def test_parity_seeded_decoding_with_the_alignment_guard(t3: T3, fixture: Fixture) -> None:
-    """Same seeds, same tokens, including runs whose stop row is scaled up so that the stop token is the
-    most likely one at many steps: the guard holds it back there exactly as the reference's analyzer does
-    (without the guard these runs would stop within a few steps)."""
+def _decode_run(t3: T3, fixture: Fixture, run: list[Any]) -> list[int]:
+    """Our tokens for one of the fixture's decode runs, on its weights ("plain" or "eager-stop")."""
     fx, meta = fixture
+    kind, language, seed, n, w, temperature, min_p, top_p, penalty = run
     plain = t3.speech_head.weight.detach().clone()
-    stop = t3.config.stop_speech_token
     try:
-        for i, (kind, language, seed, n, w, temperature, min_p, top_p, penalty) in enumerate(
-            json.loads(meta["decode_runs"])
-        ):
-            head = plain.clone()
-            if kind == "eager-stop":
-                head[stop] *= float(meta["stop_row_scale"])
+        if kind == "eager-stop":
             with torch.no_grad():
-                t3.speech_head.weight.copy_(head)
-            tokens = t3.generate(
-                fx[f"text_{language}"],
-                _cond(fx),
-                max_new_tokens=n,
-                cfg_weight=w,
-                sampling=SamplingSettings(temperature, min_p, top_p, penalty),
-                generator=torch.Generator().manual_seed(seed),
-            )
-            expected = fx[f"decode{i}_tokens"].tolist()
-            if expected and expected[-1] == stop:  # the reference returns the stop token, we do not
-                expected = expected[:-1]
-            assert tokens.tolist() == expected, f"run {i} ({kind}, {language})"
-    finally:
-        with torch.no_grad():
-            t3.speech_head.weight.copy_(plain)
-
-
-def test_without_the_guard_the_eager_stop_weights_stop_sooner(t3: T3, fixture: Fixture) -> None:
-    """The eager-stop runs test the guard: the same decoding without it stops where the guard held back."""
-    fx, meta = fixture
-    kind, language, seed, n, w, temperature, min_p, top_p, penalty = json.loads(meta["decode_runs"])[-1]
-    assert kind == "eager-stop"
-    plain, heads = t3.speech_head.weight.detach().clone(), t3.alignment_heads
-    try:
-        with torch.no_grad():
-            t3.speech_head.weight[t3.config.stop_speech_token] *= float(meta["stop_row_scale"])
-        t3.alignment_heads = ()
+                t3.speech_head.weight[t3.config.stop_speech_token] *= float(meta["stop_row_scale"])
         tokens = t3.generate(
             fx[f"text_{language}"],
             _cond(fx),
@@ -114,11 +81,34 @@ def test_without_the_guard_the_eager_stop_weights_stop_sooner(t3: T3, fixture: F
             generator=torch.Generator().manual_seed(seed),
         )
     finally:
-        t3.alignment_heads = heads
         with torch.no_grad():
             t3.speech_head.weight.copy_(plain)
-    guarded = fx[f"decode{len(json.loads(meta['decode_runs'])) - 1}_tokens"]
-    assert tokens.numel() < guarded.numel() == n
+    return tokens.tolist()
+
+
+def test_parity_seeded_decoding_with_the_alignment_guard(t3: T3, fixture: Fixture) -> None:
+    """Same seeds, same tokens, including runs whose stop row is scaled up so that the stop token is the
+    most likely one at many steps: the guard holds it back there exactly as the reference's analyzer does."""
+    fx, meta = fixture
+    for i, run in enumerate(json.loads(meta["decode_runs"])):
+        expected = fx[f"decode{i}_tokens"].tolist()
+        if expected and expected[-1] == t3.config.stop_speech_token:  # the reference returns it, we do not
+            expected = expected[:-1]
+        assert _decode_run(t3, fixture, run) == expected, f"run {i} ({run[0]}, {run[1]})"
+
+
+def test_without_the_guard_the_eager_stop_weights_stop_sooner(t3: T3, fixture: Fixture) -> None:
+    """The eager-stop runs test the guard: the same decoding without it stops where the guard held back."""
+    fx, meta = fixture
+    runs = json.loads(meta["decode_runs"])
+    assert runs[-1][0] == "eager-stop"
+    heads = t3.alignment_heads
+    try:
+        t3.alignment_heads = ()
+        tokens = _decode_run(t3, fixture, runs[-1])
+    finally:
+        t3.alignment_heads = heads
+    assert len(tokens) < fx[f"decode{len(runs) - 1}_tokens"].numel() == runs[-1][3]
 
 
 @pytest.mark.gpu
