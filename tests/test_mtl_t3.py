@@ -56,6 +56,8 @@ def test_parity_teacher_forced_logits(t3: T3, fixture: Fixture) -> None:
     with torch.inference_mode():
         out = t3(fx["text_fr"], fx["speech_tokens"], _cond(fx))
         cfg = t3(fx["text_fr"], fx["speech_tokens"], _cond(fx), cfg=True)
+    assert_close(out.hidden, fx["hidden"])
+    assert_close(cfg.hidden, fx["cfg_hidden"])
     assert_close(out.text_logits, fx["text_logits"])
     assert_close(out.speech_logits, fx["speech_logits"])
     assert_close(cfg.text_logits, fx["cfg_text_logits"])

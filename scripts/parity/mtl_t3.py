@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from chatterbox.models.t3.inference import alignment_stream_analyzer as ref_analyzer  # noqa: E402
 from chatterbox.models.t3.modules.t3_config import T3Config as RefT3Config  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
-from t3 import build_reference, ref_cond  # noqa: E402  (scripts/parity/t3.py)
+from t3 import build_reference, random_speech, ref_cond, teacher_forced  # noqa: E402  (scripts/parity/t3.py)
 
 from chatterbox_cli.models.alignment import alignment_heads  # noqa: E402
 from chatterbox_cli.models.mtl_tokenizer import MtlTokenizer  # noqa: E402
@@ -42,7 +42,6 @@ TEXTS = {  # language -> text: long enough (> 5 tokens) that the analyzer holds 
     "fr": "Bonjour, comment allez-vous aujourd'hui ?",
     "de": "Guten Morgen.",
 }
-SPEECH_LEN = 5
 CFG_WEIGHT = 0.5
 # Runs on "eager-stop" weights have the stop token's row of speech_head scaled by this: random weights
 # then want to stop at about every other step, so the analyzer's holding back decides when they stop.
@@ -92,37 +91,11 @@ def main() -> None:
         texts[language] = torch.tensor([ids], dtype=torch.long)
         out[f"text_{language}"] = texts[language]
     text = texts["fr"]
-    gen = torch.Generator().manual_seed(SEED + 1)
-    speech = torch.cat(
-        [
-            torch.tensor([[ours.start_speech_token]]),
-            torch.randint(0, 6561, (1, SPEECH_LEN - 1), generator=gen),
-        ],
-        dim=1,
-    )
+    speech = random_speech(ours, SEED + 1)
     out["speech_tokens"] = speech
 
     with torch.inference_mode():
-        res = model(
-            t3_cond=ref_cond(conds),
-            text_tokens=text,
-            text_token_lens=torch.tensor([text.shape[1]]),
-            speech_tokens=speech,
-            speech_token_lens=torch.tensor([speech.shape[1]]),
-        )
-        out["text_logits"] = res.text_logits
-        out["speech_logits"] = res.speech_logits
-        embeds, n_cond = model.prepare_input_embeds(
-            t3_cond=ref_cond(conds),
-            text_tokens=text.expand(2, -1).clone(),
-            speech_tokens=speech.expand(2, -1).clone(),
-            cfg_weight=CFG_WEIGHT,
-        )
-        hidden = model.tfmr(inputs_embeds=embeds, output_hidden_states=True, return_dict=True).hidden_states[
-            -1
-        ]
-        out["cfg_text_logits"] = model.text_head(hidden[:, n_cond : n_cond + text.shape[1]])
-        out["cfg_speech_logits"] = model.speech_head(hidden[:, n_cond + text.shape[1] :])
+        out.update(teacher_forced(model, conds, text, speech, CFG_WEIGHT))
 
         for i, (kind, language, seed, n_new, w, temp, min_p, top_p, rep) in enumerate(DECODE_RUNS):
             model.speech_head.weight.copy_(speech_head(plain_head, kind, ours.stop_speech_token))

@@ -86,6 +86,43 @@ def ref_cond(t3: dict, with_prompt: bool = True) -> RefT3Cond:
     )
 
 
+def random_speech(ours: T3Config, seed: int) -> torch.Tensor:
+    """[1, SPEECH_LEN] speech tokens: the start token, then random codebook tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    random = torch.randint(0, 6561, (1, SPEECH_LEN - 1), generator=gen)
+    return torch.cat([torch.tensor([[ours.start_speech_token]]), random], dim=1)
+
+
+def teacher_forced(
+    model: torch.nn.Module, conds: dict, text: torch.Tensor, speech: torch.Tensor, cfg_weight: float
+) -> dict[str, torch.Tensor]:
+    """The reference's teacher-forced outputs for one text: one row without CFG, and with CFG the
+    conditional and unconditional rows of its decoding prefix path (second row's text embeddings zeroed)."""
+    res = model(
+        t3_cond=ref_cond(conds),
+        text_tokens=text,
+        text_token_lens=torch.tensor([text.shape[1]]),
+        speech_tokens=speech,
+        speech_token_lens=torch.tensor([speech.shape[1]]),
+    )
+    embeds, n_cond = model.prepare_input_embeds(
+        t3_cond=ref_cond(conds),
+        text_tokens=text.expand(2, -1).clone(),
+        speech_tokens=speech.expand(2, -1).clone(),
+        cfg_weight=cfg_weight,
+    )
+    states = model.tfmr(inputs_embeds=embeds, output_hidden_states=True, return_dict=True).hidden_states
+    hidden, n_text = states[-1], text.shape[1]
+    return {
+        "text_logits": res.text_logits,
+        "speech_logits": res.speech_logits,
+        "hidden": res.hidden_states,
+        "cfg_hidden": hidden,
+        "cfg_text_logits": model.text_head(hidden[:, n_cond : n_cond + n_text]),
+        "cfg_speech_logits": model.speech_head(hidden[:, n_cond + n_text :]),
+    }
+
+
 def main() -> None:
     torch.set_num_threads(1)
     ours = T3Config.tiny()
@@ -95,14 +132,7 @@ def main() -> None:
     tok = RefTokenizer(str(TOKENIZER_JSON))
     text_ids = [ours.start_text_token, *tok.encode(TEXT), ours.stop_text_token]
     text = torch.tensor([text_ids], dtype=torch.long)
-    gen = torch.Generator().manual_seed(SEED + 1)
-    speech = torch.cat(
-        [
-            torch.tensor([[ours.start_speech_token]]),
-            torch.randint(0, 6561, (1, SPEECH_LEN - 1), generator=gen),
-        ],
-        dim=1,
-    )
+    speech = random_speech(ours, SEED + 1)
     out: dict[str, torch.Tensor] = {
         "text_tokens": text,
         "speech_tokens": speech,
@@ -115,31 +145,7 @@ def main() -> None:
         out["cond_emb"] = model.prepare_conditioning(ref_cond(conds))
         out["cond_emb_no_prompt"] = model.prepare_conditioning(ref_cond(conds, with_prompt=False))
 
-        res = model(
-            t3_cond=ref_cond(conds),
-            text_tokens=text,
-            text_token_lens=torch.tensor([text.shape[1]]),
-            speech_tokens=speech,
-            speech_token_lens=torch.tensor([speech.shape[1]]),
-        )
-        out["text_logits"] = res.text_logits
-        out["speech_logits"] = res.speech_logits
-        out["hidden"] = res.hidden_states
-
-        # CFG: the reference's decoding prefix path (second row's text token embeddings zeroed).
-        embeds, n_cond = model.prepare_input_embeds(
-            t3_cond=ref_cond(conds),
-            text_tokens=text.expand(2, -1).clone(),
-            speech_tokens=speech.expand(2, -1).clone(),
-            cfg_weight=CFG_WEIGHT,
-        )
-        hidden = model.tfmr(inputs_embeds=embeds, output_hidden_states=True, return_dict=True).hidden_states[
-            -1
-        ]
-        n_text = text.shape[1]
-        out["cfg_hidden"] = hidden
-        out["cfg_text_logits"] = model.text_head(hidden[:, n_cond : n_cond + n_text])
-        out["cfg_speech_logits"] = model.speech_head(hidden[:, n_cond + n_text :])
+        out.update(teacher_forced(model, conds, text, speech, CFG_WEIGHT))
 
         for i, (seed, n_new, w, temp, min_p, top_p, rep) in enumerate(DECODE_RUNS):
             torch.manual_seed(seed)
