@@ -354,9 +354,10 @@ def estimate_plan(
     t3_ws = t3_workspace_bytes(shape, max_tokens, batch, cfg, text_tokens)
     s3_ws = s3gen_workspace_bytes(max_tokens, batch, cfg)
     # The peak is T3's (KV cache + workspace) or S3Gen's, over the resident weights; a parked vocoder is
-    # off the GPU during T3. When T3 and S3Gen take turns, the T3 turn holds T3, its KV cache and prefill,
-    # the S3Gen turn S3Gen and its workspace: the larger of the two, counted as T3's weights and KV cache
-    # plus the S3Gen turn's excess as workspace.
+    # off the GPU during T3. When T3 and S3Gen take turns, both turns hold the weight arena (turns.Turns: as
+    # large as the larger of the two), the T3 turn T3's KV cache and prefill on top, the S3Gen turn S3Gen's
+    # workspace: the larger of the two, counted as the arena and KV cache plus the S3Gen turn's excess as
+    # workspace.
     preset = preset_of(plan)
     take_turns = preset is not None and preset.take_turns
     parked = parts["mel2wav"].weights_bytes if preset is not None and preset.park_vocoder else 0
@@ -367,9 +368,8 @@ def estimate_plan(
     early_kv = kv_cache_bytes(shape, max_tokens, 1, cfg, text_tokens)
     early = early_kv + s3gen_workspace_bytes(early_tokens, 1, cfg) if early_tokens else 0
     if take_turns:
-        s3gen_turn = s3gen_weights + max(s3_ws, early)
-        workspace = max(t3_ws, s3gen_turn - t3_weights - kv, 0)
-        resident = t3_weights
+        resident = max(t3_weights, s3gen_weights)
+        workspace = max(t3_ws, max(s3_ws, early) - kv, 0)
         components["s3gen"].resident = False
     else:
         workspace = max(t3_ws - parked, s3_ws - kv, early - kv, 0)

@@ -57,9 +57,6 @@ class SpeechModel(Protocol):
     @property
     def flow_dtype(self) -> torch.dtype: ...
 
-    @property
-    def takes_turns(self) -> bool: ...
-
     def use(self, part: str) -> None: ...
 
 
@@ -304,16 +301,14 @@ def synthesize(
             if not decoding.finished and prefix.numel() > EARLY_LOOKAHEAD:
                 t3_early_s = time.perf_counter() - started
                 # Taking turns, S3Gen has a turn of its own for the early piece while the chunk's KV cache
-                # waits on the GPU; T3's graph is captured again when T3 is back (Decoding.weights_moved).
+                # waits on the GPU; T3's captured steps replay when T3 is back (its weights never move).
                 model.use("s3gen")
                 wav = s3gen.synthesize(
                     prefix[None],
                     gen_cond,
                     n_timesteps=settings.flow_steps,
                     generator=s3gen_generator(0),
-                    # every run's early piece has this shape (see service.warm_up); a kept graph would
-                    # point at weights that move away, taking turns
-                    keep_graph=not model.takes_turns,
+                    keep_graph=True,  # every run's early piece has this shape (see service.warm_up)
                 )[0]
                 end = (prefix.numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token
                 audio = wav[:end].detach().to("cpu", torch.float32).numpy()
@@ -325,9 +320,7 @@ def synthesize(
                     0, texts[0], piece, SAMPLE_RATE, 0, [], seeds[0], t3_early_s, s3gen_early_s, final=False
                 )
                 started = time.perf_counter()
-                if model.takes_turns:
-                    model.use("t3")
-                    decoding.weights_moved()
+                model.use("t3")
         decoding.run()
         speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
         del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)

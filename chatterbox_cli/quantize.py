@@ -207,23 +207,6 @@ def quantized_linear_from_state(
     return layer.eval()
 
 
-def move_module(module: nn.Module, device: torch.device | str) -> None:
-    """`module.to(device)`, bitsandbytes int8 layers included: a Linear8bitLt keeps its int8 weight and row
-    scales in its matmul `state` as well (and on its weight before the first call), and only the layer's
-    own `.to` moves them, which a parent's `.to` does not call. They are pointed at the moved weight."""
-    device = torch.device(device)
-    module.to(device)
-    for layer in module.modules():
-        state, weight = getattr(layer, "state", None), getattr(layer, "weight", None)
-        if weight is None or not hasattr(state, "SCB"):
-            continue
-        for holder in (state, weight):
-            if getattr(holder, "CB", None) is not None:
-                holder.CB = weight.data  # the int8 weight itself: the same tensor before the move
-            if getattr(holder, "SCB", None) is not None:
-                holder.SCB = holder.SCB.to(device)
-
-
 def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root

@@ -36,6 +36,7 @@ from chatterbox_cli.checkpoint import (  # noqa: E402
     validate,
 )
 from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError  # noqa: E402
+from chatterbox_cli.turns import Turns  # noqa: E402
 from chatterbox_cli.variants import Variant, get_variant  # noqa: E402
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class LoadedModel:
     load_seconds: float
     quant: dict[str, QuantReport] = field(default_factory=dict)
     quant_cache: dict[str, str] = field(default_factory=dict)  # component -> "hit" | "miss" | "off"
-    turn: str | None = None  # which part is on the GPU, when the model takes turns (see `use`)
+    turns: Turns | None = None  # T3 and S3Gen's weight arena, when they take turns (see `use`)
 
     @property
     def variant(self) -> Variant:
@@ -126,20 +127,16 @@ class LoadedModel:
         preset = presets.PRESETS.get(self.decision.preset)
         return preset.early_tokens if preset is not None and self.device.type == "cuda" else 0
 
-    def use(self, part: str) -> None:
-        """Give `part` ("t3" or "s3gen") its turn on the GPU, the other waiting in host memory, when the
-        model takes turns; otherwise both stay where they are."""
-        if not self.takes_turns or self.turn == part:
-            return
-        from chatterbox_cli.quantize import move_module
+    @property
+    def turn(self) -> str | None:
+        """Which part has the GPU, when the model takes turns; else None."""
+        return self.turns.turn if self.turns is not None else None
 
-        idle, busy = (self.s3gen, self.t3) if part == "t3" else (self.t3, self.s3gen)
-        move_module(idle, "cpu")  # out first: the GPU never holds both
-        # The idle part's blocks go back to the driver: cached, they would rarely fit the other part's
-        # tensors, and the process would hold both turns' worth of memory.
-        torch.cuda.empty_cache()
-        move_module(busy, self.device)
-        self.turn = part
+    def use(self, part: str) -> None:
+        """Give `part` ("t3" or "s3gen") its turn on the GPU, when the model takes turns (turns.Turns: one
+        copy from pinned host memory into the weight arena); otherwise both stay where they are."""
+        if self.turns is not None:
+            self.turns.use(part)
 
     @functools.cached_property
     def t3_shape(self) -> estimate.T3Shape:
@@ -353,10 +350,9 @@ def load_decided(
     plan = None if decision.preset == CPU_PRESET else presets.plan_for(decision.preset, _overrides(request))
     use_cache = request.quant_cache
     s3gen, flow_report, flow_cache = _load_s3gen(checkpoint.file("s3gen"), decision, plan, use_cache, notify)
-    if takes_turns(decision):
-        from chatterbox_cli.quantize import move_module
-
-        move_module(s3gen, "cpu")  # waits for its turn: the GPU never holds T3 and S3Gen at once
+    turns = Turns(decision.device) if takes_turns(decision) else None
+    if turns is not None:
+        turns.add("s3gen", s3gen)  # to host memory, before T3 loads: the GPU never holds both
     t3, t3_report, t3_cache = _load_t3(checkpoint.file("t3"), decision, plan, use_cache, notify)
     if checkpoint.variant.alignment_guard:
         from chatterbox_cli.models.alignment import alignment_heads
@@ -365,13 +361,15 @@ def load_decided(
     tokenizer = open_tokenizer(checkpoint.variant.tokenizer, checkpoint.file("tokenizer"))
     conds_path = checkpoint.file("conds")
     builtin = load_builtin_conds(conds_path) if conds_path.exists() else None
+    if turns is not None:
+        turns.add("t3", t3)
+        turns.use("t3")
     if decision.device.type == "cuda":
         torch.cuda.synchronize(decision.device)
     quant = {k: v for k, v in (("t3", t3_report), ("flow", flow_report)) if v is not None}
     cached = {k: v for k, v in (("t3", t3_cache), ("flow", flow_cache)) if v is not None}
-    return LoadedModel(
-        checkpoint, decision, t3, s3gen, tokenizer, builtin, time.perf_counter() - start, quant, cached
-    )
+    seconds = time.perf_counter() - start
+    return LoadedModel(checkpoint, decision, t3, s3gen, tokenizer, builtin, seconds, quant, cached, turns)
 
 
 def load(request: LoadRequest, notify: Notify = _quiet) -> LoadedModel:
@@ -486,7 +484,7 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
     model.use("s3gen")  # the early piece's turn, with the KV cache on the GPU as in pipeline.synthesize
     tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
     gen = conds.gen.to(model.device, model.flow_dtype)
-    model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=not model.takes_turns)
+    model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=True)
     del decoding
     model.use("t3")  # the first chunk starts with T3: its move is not part of the first audio
     torch.cuda.synchronize(model.device)
@@ -516,16 +514,15 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     free += torch.cuda.memory_reserved(model.device) - torch.cuda.memory_allocated(model.device)
     room = free * (1 - estimate.MARGIN_FRACTION)
     size = min(AUTO_BATCH_LIMIT, wanted)
-    # Taking turns, S3Gen's turn has T3's room (less its own weights) and the KV caches' to itself.
     turns = model.takes_turns
-    swapped = _storage_bytes(model.t3) - _storage_bytes(model.s3gen) if turns else 0
 
     def fits(n: int) -> bool:
-        # S3Gen renders a whole group at once: its workspace grows with the group too; without turns it
+        # S3Gen renders a whole group at once: its workspace grows with the group too. Taking turns, S3Gen's
+        # turn has the KV caches' room to itself (its weights are in T3's arena); without, its workspace
         # comes on top of T3 and the KV caches.
         s3gen = estimate.s3gen_workspace_bytes(max_tokens, n, cfg)
         if turns:
-            return n * per_chunk <= room and s3gen <= room + swapped
+            return max(n * per_chunk, s3gen) <= room
         return n * per_chunk + s3gen <= room
 
     while size > 1 and not fits(size):
@@ -534,10 +531,6 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
         f"batch {size}: {free / 2**30:.1f} GiB free after loading, "
         f"{per_chunk / 2**30:.2f} GiB per chunk (KV cache + workspace)"
     )
-
-
-def _storage_bytes(module: torch.nn.Module) -> int:
-    return sum(t.untyped_storage().nbytes() for t in (*module.parameters(), *module.buffers()))
 
 
 def trace_memory(model: LoadedModel, chunk: int) -> None:

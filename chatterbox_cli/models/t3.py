@@ -791,11 +791,6 @@ class Decoding:
                 step.keep(live)
                 self.batch = [self.batch[r] for r in live]
 
-    def weights_moved(self) -> None:
-        """T3's weights were moved away and back (service.LoadedModel.use): the captured steps point at
-        their old addresses, so the next step captures again. The KV cache and state stay as they are."""
-        self.step.graphs = {}
-
     def _valid(self, text: int, host_row: Tensor) -> Tensor:
         """Text `text`'s tokens so far (all, once finished) from its output row read to the host, without
         a stop token and after."""
