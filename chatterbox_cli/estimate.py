@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -169,17 +168,27 @@ class T3Shape:
 
 
 def t3_shape(header: Mapping[str, TensorInfo]) -> T3Shape:
-    layers = {int(m.group(1)) for n in header if (m := re.match(r"tfmr\.layers\.(\d+)\.", n))}
-    try:
-        q = header["tfmr.layers.0.self_attn.q_proj.weight"].shape
-        k = header["tfmr.layers.0.self_attn.k_proj.weight"].shape
-        gate = header["tfmr.layers.0.mlp.gate_proj.weight"].shape
-        queries = header["cond_enc.perceiver.pre_attention_query"].shape
-        speech_vocab = header["speech_head.weight"].shape[0]
-    except KeyError as e:
-        raise CheckpointError(f"the T3 weights lack tensor {e}; is it a Chatterbox T3 checkpoint?") from e
-    # speaker embedding + perceiver outputs + emotion scalar
-    return T3Shape(len(layers), q[1], k[0], gate[0], 1 + queries[-2] + 1, speech_vocab)
+    """T3's dimensions from its config, which is read from the header (models.loading.infer_t3_config)."""
+    from chatterbox_cli.models.loading import infer_t3_config
+
+    c = infer_t3_config(dict(header))
+    kv_dim = c.n_heads * c.head_dim
+    return T3Shape(c.n_layers, c.hidden_size, kv_dim, c.intermediate_size, c.cond_len, c.speech_vocab_size)
+
+
+def t3_as_loaded(header: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+    """The T3 header as the loaded model holds its tensors: weights stored transposed (GPT-2's Conv1D) in
+    nn.Linear's [out, in], tensors that are never loaded left out (models/loading.py)."""
+    from chatterbox_cli.models.loading import infer_t3_config
+    from chatterbox_cli.models.t3 import stored_transposed, stored_unused
+
+    config = infer_t3_config(dict(header))
+    flipped, unused = stored_transposed(config), stored_unused(config)
+    return {
+        name: TensorInfo(info.dtype, info.shape[::-1]) if name in flipped else info
+        for name, info in header.items()
+        if name not in unused
+    }
 
 
 def kv_cache_bytes(shape: T3Shape, max_tokens: int, batch: int, cfg: bool, text_tokens: int) -> int:
@@ -314,6 +323,7 @@ def read_headers(
             needs = ", ".join(variant.file(r) for r in WEIGHT_ROLES)
             raise CheckpointError(f"{path} is missing; the {variant.name} checkpoint folder needs {needs}")
         headers[role] = tensor_infos(path)
+    headers["t3"] = t3_as_loaded(headers["t3"])
     return headers
 
 

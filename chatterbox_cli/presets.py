@@ -94,7 +94,12 @@ NF4_NESTED_BLOCKSIZE = 256
 # The savings are small: speech_head nf4 would save 12.6 MB of T3's ~320 MB at nf4 (4 %), text_head 1 MB,
 # cond_enc (4.5 M params, run once per utterance) 6.6 MB.
 T3_KEEP_16BIT = ("text_head", "speech_head", "cond_enc.*")
-T3_BACKBONE = ("tfmr.layers.*.self_attn.*_proj", "tfmr.layers.*.mlp.*_proj")
+T3_BACKBONE = (
+    "tfmr.layers.*.self_attn.*_proj",  # Llama (English, multilingual)
+    "tfmr.layers.*.mlp.*_proj",
+    "tfmr.h.*.attn.c_*",  # GPT-2 (Turbo)
+    "tfmr.h.*.mlp.c_*",
+)
 FLOW_LINEARS = ("flow.encoder.*", "flow.decoder.*")
 
 # Module names whose 2-D `.weight` is an embedding table, not a Linear (only needed when working from a

@@ -256,9 +256,10 @@ def load_quantized(
     """Fill a module built on the meta device from `safetensors_path` (module names = file names): planned
     Linears become bitsandbytes layers quantized on `device` straight from their tensors; every other tensor
     is loaded by load_module_from_safetensors (cast to `dtype` if floating). Returns the module, eval mode."""
-    from chatterbox_cli.models.loading import load_module_from_safetensors
+    from chatterbox_cli.models.loading import load_module_from_safetensors, stored_transposed
 
     path = Path(safetensors_path)
+    transposed = stored_transposed(module_on_meta)
     device = torch.device(device)
     shapes = linear_shapes_from_module(module_on_meta)
     targets = planned_layers(plans, shapes)
@@ -278,12 +279,15 @@ def load_quantized(
                         f"(missing {missing or 'nothing'}, bias in file: {f'{name}.bias' in keys}); "
                         "is it the right file for this model and version?"
                     )
+                flip = f"{name}.weight" in transposed  # stored [in, out] (GPT-2's Conv1D)
                 shape = f.shape(f"{name}.weight")
-                if shape != shapes[name]:
+                want = shapes[name][::-1] if flip else shapes[name]
+                if shape != want:
                     raise CheckpointError(
-                        f"{path}: tensor {name}.weight has shape {shape}, the model expects {shapes[name]}"
+                        f"{path}: tensor {name}.weight has shape {shape}, the model expects {want}"
                     )
                 weight = f.get_tensor(f"{name}.weight")
+                weight = weight.t().contiguous() if flip else weight
                 bias = f.get_tensor(f"{name}.bias") if has_bias else None
                 _set_submodule(
                     module_on_meta, name, make_quantized_linear(bnb, weight, bias, cp, device, dtype)

@@ -6,6 +6,10 @@ one is read. Peak host memory is the final weights plus one tensor in flight —
 
 Non-persistent buffers (derived tables such as RoPE cos/sin) are not in checkpoints: after loading, every
 submodule that defines `init_non_persistent_buffers(device)` is asked to recompute its own.
+
+A module whose checkpoint stores some weights transposed (GPT-2's Conv1D, [in, out]) or holds tensors it
+never uses says so in `stored_transposed` (names) and `stored_unused` ({name: shape}) attributes: those are
+transposed as they are read, and the unused ones are checked for presence but not read.
 """
 
 from __future__ import annotations
@@ -20,6 +24,11 @@ from torch import nn
 from chatterbox_cli.checkpoint import TensorFile, TensorInfo, safetensors_header
 from chatterbox_cli.errors import CheckpointError
 from chatterbox_cli.models.t3 import T3, T3Config, t3_tensor_shapes
+
+
+def stored_transposed(module: nn.Module) -> frozenset[str]:
+    """The names of `module`'s weights its checkpoint stores transposed (see the module docstring)."""
+    return getattr(module, "stored_transposed", frozenset())
 
 
 def _names_preview(names: set[str], limit: int = 8) -> str:
@@ -57,14 +66,17 @@ def load_module_from_safetensors(
     path = Path(path)
     device = torch.device(device)
     skip = tuple(f"{m}." for m in skip_modules)
+    transposed = stored_transposed(module_on_meta)
+    unused: dict[str, tuple[int, ...]] = getattr(module_on_meta, "stored_unused", {})
     expected = {
-        name: tuple(t.shape)
+        name: tuple(t.shape)[::-1] if name in transposed else tuple(t.shape)
         for name, t in module_on_meta.state_dict(keep_vars=True).items()
         if not name.startswith(skip)
     }
     with TensorFile(path) as f:
         present = {k for k in f.keys() if not k.startswith(skip)}  # noqa: SIM118
-        missing, unexpected = set(expected) - present, present - set(expected)
+        missing = (set(expected) | set(unused)) - present
+        unexpected = present - set(expected) - set(unused)
         if missing or unexpected:
             parts = []
             if missing:
@@ -75,17 +87,19 @@ def load_module_from_safetensors(
                 f"{path} does not match {type(module_on_meta).__name__}: {'; '.join(parts)}. "
                 "Is it the right file for this model and version?"
             )
-        for name in expected:
+        for name in expected | unused:
             shape = f.shape(name)
-            if shape != expected[name]:
+            if shape != (expected | unused)[name]:
                 raise CheckpointError(
                     f"{path}: tensor {name} has shape {shape}, the model expects {expected[name]}. "
                     "Is it the right file for this model and version?"
                 )
         for name in expected:
             tensor = f.get_tensor(name)
+            if name in transposed:
+                tensor = tensor.t()
             target = dtype if tensor.is_floating_point() else tensor.dtype
-            _place(module_on_meta, name, tensor.to(device=device, dtype=target))
+            _place(module_on_meta, name, tensor.to(device=device, dtype=target).contiguous())
             del tensor
 
     for sub in module_on_meta.modules():
@@ -105,19 +119,23 @@ def load_module_from_safetensors(
 
 def infer_t3_config(header: dict[str, TensorInfo]) -> T3Config:
     """The known T3 config whose tensor shapes equal those in the file's header. The text vocabulary is
-    read from `text_emb.weight` (704 English, 2,454 multilingual); the rest must match a known backbone."""
+    read from `text_emb.weight` (704 English, 2,454 multilingual, 50,276 Turbo); the rest must match a known
+    backbone."""
     shapes = {name: info.shape for name, info in header.items()}
     text_emb = shapes.get("text_emb.weight")
     vocab = {"text_vocab_size": text_emb[0]} if text_emb else {}
-    for candidate in (T3Config.english(), T3Config.tiny()):
+    wte = shapes.get("tfmr.wte.weight")  # GPT-2's own token table (Turbo), unused
+    for candidate in (T3Config.english(), T3Config.tiny(), T3Config.turbo(), T3Config.tiny_turbo()):
         candidate = replace(candidate, **vocab)
+        if wte and candidate.backbone == "gpt2":
+            candidate = replace(candidate, backbone_vocab_size=wte[0])
         if t3_tensor_shapes(candidate) == shapes:
             return candidate
     english = t3_tensor_shapes(replace(T3Config.english(), **vocab))
     differ = {n for n in set(english) | set(shapes) if english.get(n) != shapes.get(n)}
     raise CheckpointError(
         f"T3 checkpoint does not match the Chatterbox T3 model ({len(differ)} tensor(s) differ, e.g. "
-        f"{_names_preview(differ, 4)}); only the English and multilingual Chatterbox T3 are supported"
+        f"{_names_preview(differ, 4)}); only the English, multilingual and Turbo Chatterbox T3 are supported"
     )
 
 

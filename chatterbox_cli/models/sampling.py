@@ -19,13 +19,17 @@ from chatterbox_cli.errors import UsageError
 class SamplingSettings:
     """How the next speech token is chosen. Defaults are the reference's English defaults.
 
-    temperature 0 means greedy decoding (argmax after the repetition penalty).
+    temperature 0 means greedy decoding (argmax after the repetition penalty). `top_k` 0 keeps every token.
+    `penalty_last`: the repetition penalty comes after temperature and the filters (Turbo's order) instead
+    of before them (English and multilingual).
     """
 
     temperature: float = 0.8
     min_p: float = 0.05
     top_p: float = 1.0
     repetition_penalty: float = 1.2
+    top_k: int = 0
+    penalty_last: bool = False
 
     def __post_init__(self) -> None:
         if not self.temperature >= 0.0:
@@ -36,6 +40,8 @@ class SamplingSettings:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0.0:
             raise UsageError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if self.top_k < 0:
+            raise UsageError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +74,14 @@ def apply_min_p(logits: Tensor, min_p: float) -> Tensor:
     threshold = min_p * probs.amax(dim=-1, keepdim=True)
     # The most likely token always survives: its probability equals the max and min_p <= 1.
     return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def apply_top_k(logits: Tensor, top_k: int) -> Tensor:
+    """Keep the `top_k` most likely tokens (and any tied with the k-th); 0 or k >= vocab keeps all."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth, float("-inf"))
 
 
 def apply_top_p(logits: Tensor, top_p: float) -> Tensor:
@@ -111,13 +125,18 @@ def sample_from_logits(logits: Tensor, generator: Generators = None) -> Tensor:
 
 
 def process_logits(logits: Tensor, seen: Tensor, settings: SamplingSettings) -> Tensor:
-    """Repetition penalty, temperature, min_p, top_p — the reference's order."""
-    logits = apply_repetition_penalty(logits, seen, settings.repetition_penalty)
+    """Repetition penalty, temperature, min_p, top_k, top_p: the reference's order; with `penalty_last`
+    (Turbo) the penalty comes last, on the filtered logits (-inf stays -inf)."""
+    penalty = settings.repetition_penalty
+    if not settings.penalty_last or settings.greedy:
+        logits = apply_repetition_penalty(logits, seen, penalty)
     if settings.greedy:
         return logits
     logits = apply_temperature(logits, settings.temperature)
     logits = apply_min_p(logits, settings.min_p)
-    return apply_top_p(logits, settings.top_p)
+    logits = apply_top_k(logits, settings.top_k)
+    logits = apply_top_p(logits, settings.top_p)
+    return apply_repetition_penalty(logits, seen, penalty) if settings.penalty_last else logits
 
 
 def choose_next_token(

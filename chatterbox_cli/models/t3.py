@@ -1,13 +1,21 @@
-"""T3: the text-to-speech-token model of Chatterbox (a Llama backbone with its own embeddings and heads).
+"""T3: the text-to-speech-token model of Chatterbox (a transformer backbone with its own embeddings and
+heads).
 
-Module and parameter names follow the official `t3_cfg.safetensors`, so its state dict loads strictly:
-`tfmr.*` (the Llama stack, including an unused 8-row `embed_tokens`), `cond_enc.*`, `text_emb`,
-`speech_emb`, `text_pos_emb.emb`, `speech_pos_emb.emb`, `text_head`, `speech_head`.
+Module and parameter names follow the official checkpoints, so their state dicts load strictly:
+`tfmr.*` (the backbone), `cond_enc.*`, `text_emb`, `speech_emb`, `text_pos_emb.emb`, `speech_pos_emb.emb`,
+`text_head`, `speech_head`.
 
-Sequence layout fed to the backbone:
+English and multilingual (`t3_cfg.safetensors`, `t3_mtl23ls_v2.safetensors`): a Llama backbone (with an
+unused 8-row `embed_tokens`), fed
     [conditioning (speaker, perceiver(prompt speech), emotion)] [text tokens] [speech tokens]
-Text and speech tokens each get learned absolute position embeddings counted from 0 in their own segment;
-on top of that the backbone applies RoPE over the whole sequence.
+where text and speech tokens each get learned position embeddings counted from 0 in their own segment, and
+the backbone applies RoPE over the whole sequence.
+
+Turbo (`t3_turbo_v1.safetensors`): a GPT-2 medium backbone, fed
+    [conditioning (speaker, prompt speech tokens as they are)] [text tokens] [speech tokens]
+with no segment positions: GPT-2's learned positions `wpe` count over the whole sequence. Its Linear
+weights are stored as GPT-2's Conv1D, [in, out] (see STORED_TRANSPOSED), and its own token embedding
+`wte` is stored but unused.
 """
 
 from __future__ import annotations
@@ -15,8 +23,8 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +51,11 @@ class T3Config:
     n_heads: int = 16
     head_dim: int = 64
     intermediate_size: int = 4096
-    rms_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
     # Rows of the backbone's own token embedding; unused (T3 feeds embeddings) but present in the checkpoint.
     backbone_vocab_size: int = 8
+    backbone: Literal["llama", "gpt2"] = "llama"
+    gpt2_positions: int = 8196  # rows of GPT-2's position table `wpe`
 
     rope_theta: float = 500000.0
     rope_factor: float = 8.0
@@ -55,8 +65,18 @@ class T3Config:
 
     speech_cond_prompt_len: int = 150
     speaker_embed_size: int = 256
-    perceiver_queries: int = 32
+    perceiver_queries: int = 32  # 0: no perceiver, the prompt's speech embeddings go in as they are
     perceiver_heads: int = 4
+    emotion_input: bool = True  # the exaggeration ("emotion_adv") conditioning input
+    segment_positions: bool = True  # learned text/speech positions counted within each segment
+    speech_head_bias: bool = False
+    # The text is wrapped in start/stop text tokens (pipeline.text_tokens); Turbo's is not.
+    wrap_text: bool = True
+    # The prompt ends with the start-of-speech token this many times (see T3.prompt_embeds).
+    prompt_start_tokens: int = 2
+    # The repetition penalty's history holds the start token at every step (English: the reference's
+    # generated ids begin with it); Turbo's history holds it only at the first step.
+    start_in_history: bool = True
 
     @classmethod
     def english(cls) -> T3Config:
@@ -66,6 +86,26 @@ class T3Config:
     def multilingual(cls) -> T3Config:
         """The English T3 with the 23-language grapheme vocabulary (variants.MULTILINGUAL)."""
         return cls(text_vocab_size=2454)
+
+    @classmethod
+    def turbo(cls) -> T3Config:
+        """Turbo: GPT-2 medium, the GPT-2 text vocabulary, a 375-token speech prompt without perceiver or
+        emotion input, one start token, no text wrapping (reference tts_turbo.py and llama_configs.py)."""
+        return cls(
+            text_vocab_size=50276,
+            speech_vocab_size=6563,
+            n_layers=24,
+            backbone="gpt2",
+            backbone_vocab_size=50276,
+            speech_cond_prompt_len=375,
+            perceiver_queries=0,
+            emotion_input=False,
+            segment_positions=False,
+            speech_head_bias=True,
+            wrap_text=False,
+            prompt_start_tokens=1,
+            start_in_history=False,
+        )
 
     @classmethod
     def tiny(cls) -> T3Config:
@@ -81,6 +121,25 @@ class T3Config:
             perceiver_queries=8,
         )
 
+    @classmethod
+    def tiny_turbo(cls) -> T3Config:
+        """Turbo's layout with a tiny backbone, for tests (a GPT-2 vocabulary of 50276 rows would be 3 MB
+        per table even at width 16: the tiny text vocabulary is 1024)."""
+        return replace(
+            cls.turbo(),
+            text_vocab_size=1024,
+            backbone_vocab_size=1024,
+            max_text_tokens=256,
+            max_speech_tokens=512,
+            hidden_size=64,
+            n_layers=2,
+            n_heads=4,
+            head_dim=16,
+            intermediate_size=256,
+            gpt2_positions=1024,
+            speech_cond_prompt_len=30,
+        )
+
     @property
     def text_positions(self) -> int:
         """Rows of the learned text position table (text plus start/stop)."""
@@ -93,8 +152,10 @@ class T3Config:
 
     @property
     def cond_len(self) -> int:
-        """Conditioning prefix length with a speech prompt: speaker + perceiver outputs + emotion."""
-        return 1 + self.perceiver_queries + 1
+        """Conditioning prefix length with a speech prompt: speaker + perceiver outputs (or the prompt
+        itself) + emotion."""
+        prompt = self.perceiver_queries or self.speech_cond_prompt_len
+        return 1 + prompt + int(self.emotion_input)
 
     @property
     def max_positions(self) -> int:
@@ -295,19 +356,32 @@ class Attention(nn.Module):
         cache: each head's attention probabilities [rows, T, capacity] (float32) are appended to sink."""
         rows, length, _ = x.shape
         heads = rope(self.qkv(x).view(rows, length, 3 * self.n_heads, self.head_dim))
-        q, kv = heads.split([self.n_heads, 2 * self.n_heads], dim=1)
-        if cache is None:
-            k, v = kv.chunk(2, dim=1)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            cache.index_copy_(3, columns, kv.unflatten(1, (2, self.n_heads)).transpose(0, 1))
-            out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias)
-            if watch is not None:
-                heads, sink = watch
-                for head in heads:  # the probabilities SDPA does not return, for a few heads
-                    scores = q[:, head] @ cache[0][:, head].transpose(-1, -2) * self.head_dim**-0.5
-                    sink.append(torch.softmax(scores.float() + bias[:, 0].float(), dim=-1))
-        return out.transpose(1, 2).reshape(rows, length, -1)
+        return attend(heads, self.n_heads, cache, columns, bias, watch)
+
+
+def attend(
+    heads: Tensor,
+    n_heads: int,
+    cache: Tensor | None = None,
+    columns: Tensor | None = None,
+    bias: Tensor | None = None,
+    watch: tuple[list[int], list[Tensor]] | None = None,
+) -> Tensor:
+    """Attention of heads [rows, 3H, T, D] (q, k, v) -> [rows, T, H * D]; see Attention.forward."""
+    rows, _, length, head_dim = heads.shape
+    q, kv = heads.split([n_heads, 2 * n_heads], dim=1)
+    if cache is None:
+        k, v = kv.chunk(2, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    else:
+        cache.index_copy_(3, columns, kv.unflatten(1, (2, n_heads)).transpose(0, 1))
+        out = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=bias)
+        if watch is not None:
+            watched, sink = watch
+            for head in watched:  # the probabilities SDPA does not return, for a few heads
+                scores = q[:, head] @ cache[0][:, head].transpose(-1, -2) * head_dim**-0.5
+                sink.append(torch.softmax(scores.float() + bias[:, 0].float(), dim=-1))
+    return out.transpose(1, 2).reshape(rows, length, -1)
 
 
 class MLP(nn.Module):
@@ -335,8 +409,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(config)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
 
     def forward(
         self,
@@ -361,7 +435,7 @@ class LlamaBackbone(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.backbone_vocab_size, config.hidden_size)
         self.layers = nn.ModuleList([DecoderLayer(config) for _ in range(config.n_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
         cos, sin = rope_tables(config)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
@@ -414,21 +488,133 @@ class LlamaBackbone(nn.Module):
             rope = Rope(rotation=per_head_group.flatten(0, 1).to(x.dtype))
         else:
             rope = Rope(cos[:, None].to(x.dtype), sin[:, None].to(x.dtype))
-        slots = torch.arange(key_valid.shape[1], device=x.device)
-        visible = (key_valid[:, None, :] & (slots <= columns[:, None])) | (slots == columns[:, None])
-        bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, -math.inf)
-        bias = bias[:, None]  # [rows, 1, T, capacity]
         x = x.clone()  # the layers add into the residual stream in place
-        heads: dict[int, list[int]] = {}
-        for layer_index, head in watch:
-            heads.setdefault(layer_index, []).append(head)
-        probs: dict[int, list[Tensor]] = {i: [] for i in heads}
-        for i, (layer, layer_cache) in enumerate(zip(self.layers, cache, strict=True)):
-            x = layer(x, rope, layer_cache, columns, bias, (heads[i], probs[i]) if i in heads else None)
-        if watch:
-            assert sink is not None
-            sink.extend(probs[i][heads[i].index(head)] for i, head in watch)
-        return self.norm(x)
+        return self.norm(run_cached(self.layers, x, rope, cache, columns, key_valid, watch, sink))
+
+
+def run_cached(
+    layers: Sequence[nn.Module],
+    x: Tensor,
+    rope: Rope | None,
+    cache: Sequence[Tensor],
+    columns: Tensor,
+    key_valid: Tensor,
+    watch: Sequence[tuple[int, int]],
+    sink: list[Tensor] | None,
+) -> Tensor:
+    """Run `layers` over x against the KV cache under the causal, padding-aware mask (see
+    LlamaBackbone.forward_cached); returns the residual stream before the final norm."""
+    slots = torch.arange(key_valid.shape[1], device=x.device)
+    visible = (key_valid[:, None, :] & (slots <= columns[:, None])) | (slots == columns[:, None])
+    bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, -math.inf)
+    bias = bias[:, None]  # [rows, 1, T, capacity]
+    heads: dict[int, list[int]] = {}
+    for layer_index, head in watch:
+        heads.setdefault(layer_index, []).append(head)
+    probs: dict[int, list[Tensor]] = {i: [] for i in heads}
+    for i, (layer, layer_cache) in enumerate(zip(layers, cache, strict=True)):
+        watched = (heads[i], probs[i]) if i in heads else None
+        if rope is None:
+            x = layer(x, layer_cache, columns, bias, watched)
+        else:
+            x = layer(x, rope, layer_cache, columns, bias, watched)
+    if watch:
+        assert sink is not None
+        sink.extend(probs[i][heads[i].index(head)] for i, head in watch)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GPT-2 backbone (Turbo)
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: T3Config) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        inner = config.n_heads * config.head_dim
+        self.c_attn = nn.Linear(config.hidden_size, 3 * inner)  # q | k | v
+        self.c_proj = nn.Linear(inner, config.hidden_size)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: Tensor | None = None,
+        columns: Tensor | None = None,
+        bias: Tensor | None = None,
+        watch: tuple[list[int], list[Tensor]] | None = None,
+    ) -> Tensor:
+        """Attention output before c_proj, [rows, T, inner]; as Attention.forward, without RoPE."""
+        rows, length, _ = x.shape
+        heads = self.c_attn(x).view(rows, length, 3 * self.n_heads, self.head_dim).transpose(1, 2)
+        return attend(heads, self.n_heads, cache, columns, bias, watch)
+
+
+class GPT2MLP(nn.Module):
+    def __init__(self, config: T3Config) -> None:
+        super().__init__()
+        self.c_fc = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: T3Config) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.attn = GPT2Attention(config)
+        self.ln_2 = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = GPT2MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        cache: Tensor | None = None,
+        columns: Tensor | None = None,
+        bias: Tensor | None = None,
+        watch: tuple[list[int], list[Tensor]] | None = None,
+    ) -> Tensor:
+        x = x + self.attn.c_proj(self.attn(self.ln_1(x), cache, columns, bias, watch))
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT2Backbone(nn.Module):
+    """GPT-2's stack with its learned positions; takes embeddings, returns final-norm hidden states. Its
+    token embedding `wte` is in the checkpoint but not in this module (T3 feeds embeddings)."""
+
+    def __init__(self, config: T3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.wpe = nn.Embedding(config.gpt2_positions, config.hidden_size)
+        self.h = nn.ModuleList([GPT2Block(config) for _ in range(config.n_layers)])
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+
+    def fuse_projections(self) -> None:
+        """q/k/v are already one matmul (c_attn)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: [rows, T, hidden], a whole sequence from position 0, causal -> final-norm hidden states."""
+        x = x + self.wpe.weight[: x.shape[1]]
+        for block in self.h:
+            x = block(x)
+        return self.ln_f(x)
+
+    def forward_cached(
+        self,
+        x: Tensor,
+        cache: Sequence[Tensor],
+        columns: Tensor,
+        positions: Tensor,
+        key_valid: Tensor,
+        watch: Sequence[tuple[int, int]] = (),
+        sink: list[Tensor] | None = None,
+    ) -> Tensor:
+        """As LlamaBackbone.forward_cached; `positions` [rows, T] index `wpe`."""
+        x = x + self.wpe(positions)
+        return self.ln_f(run_cached(self.h, x, None, cache, columns, key_valid, watch, sink))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -481,15 +667,20 @@ class CondEncoder(nn.Module):
         super().__init__()
         self.speaker_embed_size = config.speaker_embed_size
         self.spkr_enc = nn.Linear(config.speaker_embed_size, config.hidden_size)
-        self.emotion_adv_fc = nn.Linear(1, config.hidden_size, bias=False)
-        self.perceiver = Perceiver(config.perceiver_queries, config.hidden_size, config.perceiver_heads)
+        self.emotion_adv_fc = nn.Linear(1, config.hidden_size, bias=False) if config.emotion_input else None
+        self.perceiver = (
+            Perceiver(config.perceiver_queries, config.hidden_size, config.perceiver_heads)
+            if config.perceiver_queries
+            else None
+        )
 
     def forward(self, speaker_emb: Tensor, prompt_emb: Tensor | None, emotion_adv: Tensor) -> Tensor:
         """[B, 256], [B, P, hidden] | None, [B, 1, 1] -> [B, cond_len, hidden]."""
         parts = [self.spkr_enc(speaker_emb.reshape(-1, self.speaker_embed_size))[:, None]]
         if prompt_emb is not None:
-            parts.append(self.perceiver(prompt_emb))
-        parts.append(self.emotion_adv_fc(emotion_adv.reshape(-1, 1, 1)))
+            parts.append(prompt_emb if self.perceiver is None else self.perceiver(prompt_emb))
+        if self.emotion_adv_fc is not None:
+            parts.append(self.emotion_adv_fc(emotion_adv.reshape(-1, 1, 1)))
         return torch.cat(parts, dim=1)
 
 
@@ -545,7 +736,7 @@ def _decode_body(
     same token. The buffers are whole and sliced here, so compiled code sees fixed storage.
     """
     rows = texts * per_text
-    emb = model.speech_emb(tokens[:texts, None]) + model.speech_pos_emb.emb.weight[speech_position]
+    emb = model.embed_speech(tokens[:texts, None], speech_position)
     if per_text > 1:
         emb = emb.repeat(per_text, 1, 1)
     views = layer_views(cache, rows)
@@ -604,7 +795,7 @@ class DecodeStep:
         # the latest token of each text; the start token before the first (the alignment guard reads it)
         self.tokens = torch.full((self.texts,), config.start_speech_token, dtype=torch.long, device=device)
         self.seen = torch.zeros(self.texts, config.speech_vocab_size, dtype=torch.bool, device=device)
-        self.seen[:, config.start_speech_token] = True
+        self.seen[:, config.start_speech_token] = config.start_in_history
         self.out = torch.zeros(self.texts, length, dtype=torch.long, device=device)  # [text, step]
         self.out_rows = torch.arange(self.texts, device=device)  # the out row of each batch row
         self.step = torch.zeros(1, dtype=torch.long, device=device)  # 1-d: a 0-d index syncs
@@ -672,7 +863,11 @@ class DecodeStep:
             )
         if self.ignore_stop:
             logits[:, config.stop_speech_token] = float("-inf")
-        token = choose_next_token(logits, self.seen[:texts], self.sampling, self.generators[:texts])
+        seen = self.seen[:texts]
+        if not config.start_in_history:  # the start token is the whole history at the first step only
+            seen = seen.clone()
+            seen[:, config.start_speech_token] |= self.step == 0
+        token = choose_next_token(logits, seen, self.sampling, self.generators[:texts])
         self.out.index_put_((self.out_rows[:texts], self.step.expand(texts)), token)
         self.seen[:texts].scatter_(1, token[:, None], True)
         self.tokens[:texts].copy_(token)
@@ -818,14 +1013,18 @@ class T3(nn.Module):
         config = config or T3Config.english()
         self.config = config
         dim = config.hidden_size
-        self.tfmr = LlamaBackbone(config)
+        self.tfmr = GPT2Backbone(config) if config.backbone == "gpt2" else LlamaBackbone(config)
         self.cond_enc = CondEncoder(config)
         self.text_emb = nn.Embedding(config.text_vocab_size, dim)
         self.speech_emb = nn.Embedding(config.speech_vocab_size, dim)
-        self.text_pos_emb = LearnedPositions(config.text_positions, dim)
-        self.speech_pos_emb = LearnedPositions(config.speech_positions, dim)
+        if config.segment_positions:
+            self.text_pos_emb = LearnedPositions(config.text_positions, dim)
+            self.speech_pos_emb = LearnedPositions(config.speech_positions, dim)
         self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
-        self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=False)
+        self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=config.speech_head_bias)
+        # The checkpoint's layout where it differs from this module's (models/loading.py)
+        self.stored_transposed = stored_transposed(config)
+        self.stored_unused = stored_unused(config)
         self.last_decode_mode = "none"  # how the last generate() ran its steps: eager, cuda-graph, ...
         # (layer, head)s of the multilingual alignment guard (models/alignment.py); () decodes without it.
         # Set by the loader from the variant (variants.Variant.alignment_guard).
@@ -852,8 +1051,7 @@ class T3(nn.Module):
         prompt_emb = None
         tokens = cond.cond_prompt_speech_tokens
         if tokens is not None:
-            tokens = tokens.to(device=device, dtype=torch.long)
-            prompt_emb = self.speech_emb(tokens) + self.speech_pos_emb(tokens.shape[1])
+            prompt_emb = self.embed_speech(tokens.to(device=device, dtype=torch.long))
         return self.cond_enc(
             cond.speaker_emb.to(device=device, dtype=dtype),
             prompt_emb,
@@ -866,16 +1064,25 @@ class T3(nn.Module):
         `with_uncond_row` (B must be 1) appends the unconditional CFG row: position embeddings only, the
         token embeddings zeroed — what the reference feeds its unconditional row.
         """
+        emb = self.text_emb(text_tokens)
+        if not self.config.segment_positions:
+            return torch.cat((emb, torch.zeros_like(emb[:1])), dim=0) if with_uncond_row else emb
         positions = self.text_pos_emb(text_tokens.shape[1])
-        emb = self.text_emb(text_tokens) + positions
+        emb = emb + positions
         if with_uncond_row:
             emb = torch.cat((emb, positions.expand(1, -1, -1)), dim=0)
         return emb
 
-    def embed_speech(self, tokens: Tensor, first_position: int = 0) -> Tensor:
-        """Speech embeddings plus positions for tokens [rows, T] starting at `first_position`."""
-        positions = self.speech_pos_emb.emb.weight[first_position : first_position + tokens.shape[1]]
-        return self.speech_emb(tokens) + positions
+    def embed_speech(self, tokens: Tensor, first_position: int | Tensor = 0) -> Tensor:
+        """Speech embeddings plus segment positions for tokens [rows, T] starting at `first_position` (an int,
+        or a 1-element tensor for one token per row, as a decode step has it)."""
+        emb = self.speech_emb(tokens)
+        if not self.config.segment_positions:
+            return emb
+        table = self.speech_pos_emb.emb.weight
+        if isinstance(first_position, Tensor):
+            return emb + table[first_position]
+        return emb + table[first_position : first_position + tokens.shape[1]]
 
     # -- teacher forcing ----------------------------------------------------------------------------------
 
@@ -909,18 +1116,20 @@ class T3(nn.Module):
     # -- decoding -----------------------------------------------------------------------------------------
 
     def prompt_embeds(self, text_tokens: Tensor, cond: T3Cond, rows: int) -> Tensor:
-        """The prefill sequence of one text [rows, cond_len + T + 2, hidden] (rows 2: with the CFG row).
+        """The prefill sequence of one text [rows, cond_len + T + starts, hidden] (rows 2: with the CFG
+        row), ending with `config.prompt_start_tokens` start-of-speech tokens.
 
-        It ends with the start-of-speech token twice, both at speech position 0: once as the speech
-        segment and once as the "BOS" the reference's decoding loop appends. That is what the reference
-        computes (and what the released weights were used with), so it is kept.
+        English and multilingual end with it twice, both at speech position 0: once as the speech segment
+        and once as the "BOS" the reference's decoding loop appends. That is what the reference computes
+        (and what the released weights were used with), so it is kept. Turbo's ends with it once.
         """
         cond_emb = self.encode_cond(cond)
         if cond_emb.shape[0] != 1:
             raise ValueError("generate() takes conditioning for one voice (batch 1)")
         text = self.embed_text(text_tokens, with_uncond_row=rows == 2)
-        start = torch.full((1, 2), self.config.start_speech_token, dtype=torch.long, device=self.device)
-        bos = self.speech_emb(start) + self.speech_pos_emb.emb.weight[0]
+        starts = self.config.prompt_start_tokens
+        start = torch.full((1, starts), self.config.start_speech_token, dtype=torch.long, device=self.device)
+        bos = self.embed_speech(start, torch.zeros(1, dtype=torch.long, device=self.device))
         return torch.cat((cond_emb.expand(rows, -1, -1), text, bos.expand(rows, -1, -1)), dim=1)
 
     def batch_prompt(self, texts: Sequence[Tensor], cond: T3Cond, cfg: bool) -> tuple[Tensor, Tensor]:
@@ -941,7 +1150,8 @@ class T3(nn.Module):
         if tokens.shape[0] != 1:
             raise ValueError(f"give one text per sequence, got a batch of {tokens.shape[0]}")
         cfg = self.config
-        if int(tokens[0, 0]) != cfg.start_text_token or int(tokens[0, -1]) != cfg.stop_text_token:
+        wrapped = int(tokens[0, 0]) == cfg.start_text_token and int(tokens[0, -1]) == cfg.stop_text_token
+        if cfg.wrap_text and not wrapped:
             raise ValueError(
                 f"text tokens must start with {cfg.start_text_token} and end with {cfg.stop_text_token} "
                 "(pipeline.text_tokens wraps them)"
@@ -1034,8 +1244,8 @@ class T3(nn.Module):
         if self.alignment_heads:
             lengths = torch.tensor([t.shape[1] for t in tokens], device=self.device)
             guard = AlignmentGuard.start(lengths)
-            # every prompt ends at the same column: its text, then the start-of-speech token twice
-            first = prompt.shape[1] - 2 - lengths
+            # every prompt ends at the same column: its text, then the start-of-speech token(s)
+            first = prompt.shape[1] - self.config.prompt_start_tokens - lengths
             text_columns = (first[:, None] + torch.arange(int(lengths.max()), device=self.device)).clamp(
                 max=prompt.shape[1] - 1
             )
@@ -1094,7 +1304,7 @@ def random_tensor(name: str, shape: tuple[int, ...], seed: int, kind: str) -> Te
 
 
 def _init_kind(name: str) -> str:
-    if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+    if name.endswith(("norm.weight", "layernorm.weight", ".ln_1.weight", ".ln_2.weight", "ln_f.weight")):
         return "ones"
     if name.endswith("norm.bias"):
         return "zeros"
@@ -1103,11 +1313,35 @@ def _init_kind(name: str) -> str:
     return "normal"
 
 
+# GPT-2 stores its Linear weights as Conv1D, [in, out]: the weights of these, in each block.
+_CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
+GPT2_TOKEN_EMBEDDING = "tfmr.wte.weight"  # stored, unused: T3 feeds embeddings
+
+
+def stored_transposed(config: T3Config) -> frozenset[str]:
+    """Names of the weights the checkpoint stores transposed ([in, out]) against our nn.Linear."""
+    if config.backbone != "gpt2":
+        return frozenset()
+    return frozenset(f"tfmr.h.{i}{suffix}" for i in range(config.n_layers) for suffix in _CONV1D_WEIGHTS)
+
+
+def stored_unused(config: T3Config) -> dict[str, tuple[int, ...]]:
+    """Tensors the checkpoint holds that T3 never uses (not read at load), with their shapes."""
+    if config.backbone != "gpt2":
+        return {}
+    return {GPT2_TOKEN_EMBEDDING: (config.backbone_vocab_size, config.hidden_size)}
+
+
 def t3_tensor_shapes(config: T3Config) -> dict[str, tuple[int, ...]]:
-    """Official tensor names and shapes for a config, without allocating anything."""
+    """Official tensor names and shapes of the checkpoint file for a config, without allocating anything."""
     with torch.device("meta"):
         model = T3(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    transposed = stored_transposed(config)
+    shapes = {
+        name: tuple(t.shape)[::-1] if name in transposed else tuple(t.shape)
+        for name, t in model.state_dict().items()
+    }
+    return shapes | stored_unused(config)
 
 
 def random_state_dict(config: T3Config, seed: int = 0) -> dict[str, Tensor]:
