@@ -10,6 +10,9 @@ normalized form of every chunk, which is what T3 actually sees.
 the multilingual model's codes). None and "en" mean the English behaviour, unchanged; any other code
 adds the sentence ends of other scripts (CJK 。！？, Arabic ؟ ۔, Devanagari । ॥, and ; in Greek), a
 per-character token estimate for non-Latin scripts, and the multilingual reference's clean-up.
+
+Chatterbox Turbo has its own clean-up, `normalize_turbo`, and chunker, `chunk_turbo_text`: English
+sentence rules that never cut inside a paralinguistic tag such as "[laugh]" or "[clear throat]".
 """
 
 from __future__ import annotations
@@ -110,6 +113,52 @@ def _punc_norm(text: str, rewrites: tuple[tuple[str, str], ...], endings: tuple[
     if not text.endswith(endings):
         text = text + "."
     return text
+
+
+# Chatterbox Turbo's (tts_turbo.py punc_norm): English's without the "...", " - " and ";" rules.
+_TURBO_PUNCTUATION_REWRITES: tuple[tuple[str, str], ...] = (
+    ("\u2026", ", "),
+    (":", ","),
+    ("\u2014", "-"),
+    ("\u2013", "-"),
+    (" ,", ","),
+    ("\u201c", '"'),
+    ("\u201d", '"'),
+    ("\u2018", "'"),
+    ("\u2019", "'"),
+)
+# The tags of ResembleAI/chatterbox-turbo's added_tokens.json, in id order; each is one token.
+TURBO_TAGS: tuple[str, ...] = (
+    "[angry]",
+    "[fear]",
+    "[surprised]",
+    "[whispering]",
+    "[advertisement]",
+    "[dramatic]",
+    "[narration]",
+    "[crying]",
+    "[happy]",
+    "[sarcastic]",
+    "[clear throat]",
+    "[sigh]",
+    "[shush]",
+    "[cough]",
+    "[groan]",
+    "[sniff]",
+    "[gasp]",
+    "[chuckle]",
+    "[laugh]",
+)
+
+
+def normalize_turbo(text: str) -> str:
+    """Chatterbox Turbo's punctuation clean-up (the reference's tts_turbo.punc_norm), for one chunk.
+
+    Like `normalize` but it keeps "...", " - " and ";". Tags stay intact: none holds a character
+    that is rewritten, a leading "[" is not capitalised, and one at the end gets the "." any other
+    last word would ("[laugh]" -> "[laugh].", as in the reference).
+    """
+    return _punc_norm(text, _TURBO_PUNCTUATION_REWRITES, _ACCEPTED_ENDINGS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -477,7 +526,6 @@ def chunk_text(
     if max_tokens < 8:
         raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
     code = language_code(language)
-    breaks = _ENGLISH_BREAKS if code is None else _SCRIPT_BREAKS
 
     def base(piece: str) -> int:
         return count_tokens(piece) if count_tokens is not None else estimate_tokens(piece, code)
@@ -485,6 +533,60 @@ def chunk_text(
     def count(piece: str) -> int:
         return base(normalize(piece, code))
 
+    return _chunk(text, max_tokens, count, pack_tokens, code)
+
+
+def chunk_turbo_text(
+    text: str,
+    max_tokens: int = DEFAULT_MAX_TOKENS,
+    *,
+    count_tokens: TokenCounter | None = None,
+    pack_tokens: int = DEFAULT_PACK_TOKENS,
+    tags: Iterable[str] = TURBO_TAGS,
+) -> list[str]:
+    """`chunk_text` for Chatterbox Turbo: English rules, the bound checked on `normalize_turbo` of each
+    chunk, and no cut inside any of `tags` (pass the tokenizer's; whitespace inside a tag may be any run,
+    which the chunk spells with one space). A tag is no word: one alone joins a neighbouring sentence
+    when the join fits, so "Hi. [laugh] Yes." keeps "[laugh]" with "Yes.". A text of tags only is
+    spoken (the reference gives T3 "[laugh]." too).
+    """
+    if max_tokens < 8:
+        raise ValueError(f"max_tokens must be at least 8, got {max_tokens}")
+    masked, reveal = _mask_tags(text, tags)
+
+    def count(piece: str) -> int:
+        normalized = normalize_turbo(reveal(piece))
+        return count_tokens(normalized) if count_tokens is not None else estimate_tokens(normalized)
+
+    return _chunk(masked, max_tokens, count, pack_tokens, None, reveal)
+
+
+def _mask_tags(text: str, tags: Iterable[str]) -> tuple[str, Callable[[str], str]]:
+    """`text` with each tag written as one private-use character that no cut can split (no space, not
+    punctuation, not a letter), and the function that writes them back."""
+    spellings = sorted({tag for tag in tags if tag.strip()}, key=len, reverse=True)
+    if not spellings:
+        return text, lambda piece: piece
+    free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in text)
+    mark = {tag: next(free) for tag in spellings}
+    tag_of = {char: tag for tag, char in mark.items()}
+    pattern = re.compile("|".join(r"\s+".join(map(re.escape, tag.split(" "))) for tag in spellings))
+    masked = pattern.sub(lambda m: mark[" ".join(m.group().split())], text)
+    marks = re.compile("[" + "".join(tag_of) + "]")
+    return masked, lambda piece: marks.sub(lambda m: tag_of[m.group()], piece)
+
+
+def _chunk(
+    text: str,
+    max_tokens: int,
+    count: TokenCounter,
+    pack_tokens: int,
+    code: str | None,
+    reveal: Callable[[str], str] | None = None,
+) -> list[str]:
+    """chunk_text's work on `text`, `count` giving the tokens of a piece; `reveal` maps each chunk
+    to its final text before the emptiness checks."""
+    breaks = _ENGLISH_BREAKS if code is None else _SCRIPT_BREAKS
     paragraphs = [" ".join(p.split()) for p in re.split(r"\n[ \t\f\v]*\n", text)]
     chunks: list[str] = []
     for paragraph in paragraphs:
@@ -495,6 +597,8 @@ def chunk_text(
             pieces.extend(_split_long(sentence, max_tokens, count, breaks))
         separators = None if code is None else _separators(paragraph, pieces)
         chunks.extend(_pack(pieces, max_tokens, min(pack_tokens, max_tokens), count, separators))
+    if reveal is not None:
+        chunks = [reveal(chunk) for chunk in chunks]
     if not chunks:
         raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
     if not any(_has_word(chunk) for chunk in chunks):

@@ -64,6 +64,10 @@ def open_tokenizer(kind: TokenizerKind, path: Path) -> CheckpointTokenizer:
         from chatterbox_cli.models.mtl_tokenizer import MtlTokenizer
 
         return MtlTokenizer(path)
+    if kind == "gpt2":
+        from chatterbox_cli.models.gpt2_tokenizer import open_gpt2_tokenizer
+
+        return open_gpt2_tokenizer(path)
     return EnTokenizer(path)
 
 
