@@ -1,16 +1,30 @@
 """S3Gen: speech tokens -> 24 kHz audio, and voice preparation from a reference clip."""
 
 from .flow import Flow, FlowConfig
-from .s3gen import PARTS, SPEECH_PARTS, VOICE_PARTS, S3Gen, S3GenConfig, infer_config, random_state_dict
+from .s3gen import (
+    MEANFLOW_KEY,
+    PARTS,
+    SPEECH_PARTS,
+    VOICE_PARTS,
+    MeanflowS3GenConfig,
+    S3Gen,
+    S3GenConfig,
+    infer_config,
+    is_meanflow_file,
+    random_state_dict,
+)
 
 __all__ = [
+    "MEANFLOW_KEY",
     "PARTS",
     "SPEECH_PARTS",
     "VOICE_PARTS",
     "Flow",
     "FlowConfig",
+    "MeanflowS3GenConfig",
     "S3Gen",
     "S3GenConfig",
     "infer_config",
+    "is_meanflow_file",
     "random_state_dict",
 ]

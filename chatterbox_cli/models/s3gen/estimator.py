@@ -2,7 +2,8 @@
 each hold a ResNet block followed by transformer blocks, conditioned on the flow time.
 
 Parameter names follow the official `s3gen.safetensors` (`flow.decoder.estimator.*`); the
-`nn.Sequential`/`nn.ModuleList` nesting below exists to reproduce those names.
+`nn.Sequential`/`nn.ModuleList` nesting below exists to reproduce those names. The mean-flow variant
+(Turbo's `s3gen_meanflow.safetensors`) adds one tensor, `time_embed_mixer.weight`.
 """
 
 from __future__ import annotations
@@ -138,6 +139,10 @@ class ConditionalDecoder(nn.Module):
 
     One U-Net level: down (resnet, transformers, causal conv), `n_mid` middle levels, up (resnet over
     [x, skip], transformers, causal conv), then a final causal block and a 1x1 projection.
+
+    `meanflow`: the estimator also takes the step's end time r and predicts the mean velocity over
+    [t, r]; t and r are embedded by the same MLP and a bias-free linear map mixes the two embeddings
+    into the one conditioning vector.
     """
 
     def __init__(
@@ -149,6 +154,7 @@ class ConditionalDecoder(nn.Module):
         n_mid: int,
         n_heads: int,
         head_dim: int,
+        meanflow: bool = False,
     ) -> None:
         super().__init__()
         self.in_channels = in_channels
@@ -186,6 +192,9 @@ class ConditionalDecoder(nn.Module):
         )
         self.final_block = CausalBlock(channels, channels)
         self.final_proj = nn.Conv1d(channels, out_channels, 1)
+        # registered last, as the reference does: the other tensors keep their order (and their draws in
+        # flow.random_state_dict)
+        self.time_embed_mixer = nn.Linear(2 * time_dim, time_dim, bias=False) if meanflow else None
 
     @staticmethod
     def _run_transformers(blocks: nn.ModuleList, x: Tensor, bias: Tensor) -> Tensor:
@@ -194,9 +203,26 @@ class ConditionalDecoder(nn.Module):
             x = block(x, bias)
         return x.transpose(1, 2)
 
-    def forward(self, x: Tensor, mask: Tensor, mu: Tensor, t: Tensor, spks: Tensor, cond: Tensor) -> Tensor:
-        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80] -> velocity [B, 80, T]."""
-        time = self.time_mlp(timestep_sinusoids(t, self.in_channels).to(x.dtype))
+    def _embed_time(self, t: Tensor, dtype: torch.dtype) -> Tensor:
+        return self.time_mlp(timestep_sinusoids(t, self.in_channels).to(dtype))
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor,
+        mu: Tensor,
+        t: Tensor,
+        spks: Tensor,
+        cond: Tensor,
+        r: Tensor | None = None,
+    ) -> Tensor:
+        """x, mu, cond [B, 80, T]; mask [B, 1, T]; t [B]; spks [B, 80]; r [B] (mean-flow only: the
+        step's end time) -> velocity [B, 80, T]."""
+        if (r is None) != (self.time_embed_mixer is None):
+            raise ValueError("a mean-flow estimator needs the end time r, and only it takes one")
+        time = self._embed_time(t, x.dtype)
+        if self.time_embed_mixer is not None:
+            time = self.time_embed_mixer(torch.cat([time, self._embed_time(r, x.dtype)], dim=1))
         h = torch.cat([x, mu, spks[:, :, None].expand(-1, -1, x.size(2)), cond], dim=1)
         bias = (1.0 - mask[:, None].to(h.dtype)) * -1.0e10  # [B, 1, 1, T]
 

@@ -2,6 +2,9 @@
 
 Token embedding -> upsampling Conformer encoder -> `mu`; an Euler ODE solver integrates the
 estimator's velocity from noise to mel over a cosine time schedule, with classifier-free guidance.
+The mean-flow model (Chatterbox Turbo) is distilled with the guidance built in: its estimator predicts
+the mean velocity over a whole step [t, r], so a few (default 2) Euler steps on a linear schedule,
+without guidance rows, reach the mel.
 The voice prompt's tokens and mel are prepended and its frames cut from the output.
 Parameter names follow the official `s3gen.safetensors` (`flow.*`).
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,12 +42,17 @@ class FlowConfig:
     est_n_mid: int = 12
     est_n_heads: int = 8
     est_head_dim: int = 64
-    cfg_rate: float = 0.7
+    cfg_rate: float = 0.7  # unused by mean-flow models
     n_timesteps: int = 10
+    meanflow: bool = False  # Turbo: time mixer in the estimator, linear schedule, no guidance rows
 
     @classmethod
     def english(cls) -> FlowConfig:
         return cls()
+
+    def with_meanflow(self) -> FlowConfig:
+        """This config as a mean-flow model, rendered in 2 steps by default like the reference's Turbo."""
+        return replace(self, meanflow=True, n_timesteps=MEANFLOW_TIMESTEPS)
 
     @classmethod
     def tiny(cls) -> FlowConfig:
@@ -62,6 +70,16 @@ class FlowConfig:
         )
 
 
+MEANFLOW_TIMESTEPS = 2
+
+
+def linear_time_grid(
+    n_steps: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """n_steps+1 evenly spaced times in [0, 1] (the mean-flow schedule)."""
+    return torch.linspace(0, 1, n_steps + 1, device=device, dtype=dtype)
+
+
 def cosine_time_grid(
     n_steps: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
@@ -72,11 +90,13 @@ def cosine_time_grid(
 
 class CausalCFM(nn.Module):
     """Euler solver over the estimator with classifier-free guidance (conditional row + a row whose
-    mu, speaker and prompt-mel conditions are zero)."""
+    mu, speaker and prompt-mel conditions are zero); for a mean-flow model, plain Euler steps of the
+    estimator's mean velocity over [t, r] on a linear schedule, one row per item."""
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__()
         self.cfg_rate = config.cfg_rate
+        self.meanflow = config.meanflow
         self.cuda_graph = True  # replay the estimator as a CUDA graph on CUDA (see forward)
         self.kept: tuple[tuple[object, ...], GraphedCall] | None = None  # (shape, graph), see keep_graph
         self.pool: torch.cuda.MemPool | None = None  # one memory pool for the graphs of single calls
@@ -88,6 +108,7 @@ class CausalCFM(nn.Module):
             n_mid=config.est_n_mid,
             n_heads=config.est_n_heads,
             head_dim=config.est_head_dim,
+            meanflow=config.meanflow,
         )
 
     def forward(
@@ -109,19 +130,29 @@ class CausalCFM(nn.Module):
         x = noise.to(dtype)
         mu, mask, spks, cond = mu.to(dtype), mask.to(dtype), spks.to(dtype), cond.to(dtype)
         b = x.size(0)
-        # batch of 2B: the conditional rows first, then the unconditional ones
-        mu2 = torch.cat([mu, torch.zeros_like(mu)])
-        spks2 = torch.cat([spks, torch.zeros_like(spks)])
-        cond2 = torch.cat([cond, torch.zeros_like(cond)])
-        mask2 = torch.cat([mask, mask])
-        times = cosine_time_grid(n_timesteps, x.device, dtype)
-        # On CUDA the steps after the first (which warms up) replay one captured graph: the estimator is
-        # some 1,400 small kernels, so eager steps cost more launch time than GPU time.
-        use_graph = self.cuda_graph and n_timesteps >= 3 and capturable(self.estimator, x)
+        if self.meanflow:
+            times = linear_time_grid(n_timesteps, x.device, dtype)
+        else:
+            # batch of 2B: the conditional rows first, then the unconditional ones
+            mu2 = torch.cat([mu, torch.zeros_like(mu)])
+            spks2 = torch.cat([spks, torch.zeros_like(spks)])
+            cond2 = torch.cat([cond, torch.zeros_like(cond)])
+            mask2 = torch.cat([mask, mask])
+            times = cosine_time_grid(n_timesteps, x.device, dtype)
         shape = (b, x.size(2), dtype, x.device)
-        graphed = self.kept[1] if use_graph and self.kept is not None and self.kept[0] == shape else None
+        kept = self.kept is not None and self.kept[0] == shape
+        # On CUDA the steps after the first (which warms up) replay one captured graph: the estimator is
+        # some 1,400 small kernels, so eager steps cost more launch time than GPU time. Capturing costs
+        # about a step, so with fewer than 3 steps a graph pays only when it is kept (or already was).
+        use_graph = (
+            self.cuda_graph and (n_timesteps >= 3 or keep_graph or kept) and capturable(self.estimator, x)
+        )
+        graphed = self.kept[1] if use_graph and kept else None
         for step, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=False)):
-            args = (torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
+            if self.meanflow:
+                args = (x, mask, mu, t0.expand(b), spks, cond, t1.expand(b))
+            else:
+                args = (torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
             if use_graph and graphed is None and step == 1:
                 # A kept graph has a pool of its own: a later call's graph must not reuse its memory.
                 if not keep_graph and self.pool is None:
@@ -130,8 +161,11 @@ class CausalCFM(nn.Module):
                 if keep_graph:
                     self.kept = (shape, graphed)
             v = self.estimator(*args) if graphed is None else graphed(*args)
-            v_cond, v_uncond = v[:b], v[b:]
-            x = x + (t1 - t0) * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
+            if self.meanflow:
+                x = x + (t1 - t0) * v
+            else:
+                v_cond, v_uncond = v[:b], v[b:]
+                x = x + (t1 - t0) * ((1.0 + self.cfg_rate) * v_cond - self.cfg_rate * v_uncond)
         return x
 
 
@@ -185,7 +219,8 @@ class Flow(nn.Module):
         share the prompt length P. `noise` [B, 80, 2P + 2T] is the ODE start; without it, standard
         normal noise is drawn (from `generator` if given, else the global RNG, like the reference).
         A list of B generators draws each row's noise [1, 80, 2P + 2 token_lens[b]] from its own, so a
-        row starts from the noise it would get alone.
+        row starts from the noise it would get alone. A mean-flow model draws as the reference's Turbo
+        does, see `_start_noise`.
         `keep_graph`: see CausalCFM.forward.
         Returns (mel [B, 80, 2T] zero past each length, mel lengths [B] = 2 * token_lens).
         """
@@ -212,17 +247,11 @@ class Flow(nn.Module):
                 raise ValueError(f"{b} rows but {len(generator)} generators")
             noise = torch.zeros(b, self.config.mel_dim, total, device=device, dtype=dtype)
             for row, (gen, n) in enumerate(zip(generator, mel_lengths.tolist(), strict=True)):
-                row_noise = torch.randn(
-                    (1, self.config.mel_dim, n), generator=gen, device=gen.device, dtype=dtype
-                )
-                noise[row, :, :n] = row_noise[0]
+                row_noise = self._start_noise(1, n, n_prompt_frames, gen, gen.device, dtype)
+                noise[row, :, :n] = row_noise[0].to(device)
         elif noise is None:
-            noise = torch.randn(
-                (b, self.config.mel_dim, total),
-                generator=generator,
-                device=generator.device if generator is not None else device,
-                dtype=dtype,
-            )
+            gen_device = generator.device if generator is not None else device
+            noise = self._start_noise(b, total, n_prompt_frames, generator, gen_device, dtype)
         elif noise.shape != (b, self.config.mel_dim, total):
             raise ValueError(
                 f"noise must have shape {(b, self.config.mel_dim, total)}, got {tuple(noise.shape)}"
@@ -238,6 +267,28 @@ class Flow(nn.Module):
         )
         mel = mel * mask  # padded frames keep their noise otherwise
         return mel[:, :, n_prompt_frames:], mel_lengths - n_prompt_frames
+
+    def _start_noise(
+        self,
+        b: int,
+        n_frames: int,
+        n_prompt_frames: int,
+        generator: torch.Generator | None,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        """Standard normal ODE start [b, 80, n_frames] drawn from `generator` (or the global RNG).
+
+        Mean-flow: the reference's Turbo draws the generated frames' noise first, then noise for all
+        frames of which only the prompt's are used; drawing in that order keeps a seed's output equal.
+        """
+        shape = (b, self.config.mel_dim, n_frames)
+        if not self.config.meanflow:
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        draw = {"generator": generator, "device": device, "dtype": dtype}
+        tail = torch.randn((b, self.config.mel_dim, n_frames - n_prompt_frames), **draw)
+        head = torch.randn(shape, **draw)[:, :, :n_prompt_frames]
+        return torch.cat([head, tail], dim=2)
 
 
 def _init_tensor(name: str, shape: torch.Size, generator: torch.Generator) -> Tensor:

@@ -3,6 +3,8 @@
 The four submodules carry the official `s3gen.safetensors` prefixes: `tokenizer`, `speaker_encoder`,
 `flow`, `mel2wav`. Voice preparation needs only the first two, speaking only the last two, so each
 part is built, loaded and freed on its own (`S3Gen.load(..., parts=...)`, `load_parts`, `free`).
+Turbo's `s3gen_meanflow.safetensors` is the same layout plus the flow estimator's time mixer
+(`MEANFLOW_KEY`); `infer_config` reads which of the two a file is from its header.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ PARTS = ("tokenizer", "speaker_encoder", "flow", "mel2wav")
 VOICE_PARTS = ("tokenizer", "speaker_encoder")
 SPEECH_PARTS = ("flow", "mel2wav")
 MEL_FRAMES_PER_TOKEN = 2
+MEANFLOW_KEY = "flow.decoder.estimator.time_embed_mixer.weight"  # only a mean-flow (Turbo) file has it
 
 
 def _hift_config(size: str) -> HiFTConfig:
@@ -63,25 +66,48 @@ class S3GenConfig:
     xvector: CAMPPlusConfig = field(default_factory=lambda: _xvector_config("english"))
 
     @classmethod
-    def english(cls) -> S3GenConfig:
-        return cls()
+    def english(cls, meanflow: bool = False) -> S3GenConfig:
+        """The official sizes; `meanflow`: Turbo's S3Gen (`s3gen_meanflow.safetensors`)."""
+        config = cls()
+        return config.with_meanflow() if meanflow else config
 
     @classmethod
-    def tiny(cls) -> S3GenConfig:
+    def tiny(cls, meanflow: bool = False) -> S3GenConfig:
         # keep the official x-vector width (192) so one conds.pt layout serves both sizes
         xvector = replace(_xvector_config("tiny"), embedding_size=FlowConfig.tiny().spk_embed_dim)
-        return cls(
+        config = cls(
             flow=replace(FlowConfig.tiny(), spk_embed_dim=xvector.embedding_size),
             hift=_hift_config("tiny"),
             tokenizer=_tokenizer_config("tiny"),
             xvector=xvector,
         )
+        return config.with_meanflow() if meanflow else config
+
+    @property
+    def meanflow(self) -> bool:
+        return self.flow.meanflow
+
+    def with_meanflow(self) -> S3GenConfig:
+        return replace(self, flow=self.flow.with_meanflow())
 
     def __post_init__(self) -> None:
         if self.flow.spk_embed_dim != self.xvector.embedding_size:
             raise ValueError(
                 f"flow.spk_embed_dim {self.flow.spk_embed_dim} != x-vector size {self.xvector.embedding_size}"
             )
+
+
+class MeanflowS3GenConfig:
+    """`tiny()` / `english()` of Turbo's S3Gen, for code that picks a config by size name (the random
+    checkpoint writer): `random_state_dict(MeanflowS3GenConfig.tiny(), seed)`."""
+
+    @staticmethod
+    def english() -> S3GenConfig:
+        return S3GenConfig.english(meanflow=True)
+
+    @staticmethod
+    def tiny() -> S3GenConfig:
+        return S3GenConfig.tiny(meanflow=True)
 
 
 def _build_part(config: S3GenConfig, part: str) -> nn.Module:
@@ -114,7 +140,8 @@ def _derived_names(part: str) -> frozenset[str]:
 def random_state_dict(config: S3GenConfig, seed: int = 0) -> dict[str, Tensor]:
     """Seeded random fp32 weights for all of S3Gen under the official `s3gen.safetensors` names.
 
-    Like the official file, it leaves out the tokenizer's derived buffers (mel filters, window).
+    Like the official file, it leaves out the tokenizer's derived buffers (mel filters, window). A
+    mean-flow config gives the same tensors as the plain one with the same seed, plus the time mixer.
     """
     from .hifigan import random_state_dict as hift_random
     from .speech_tokenizer import random_state_dict as tokenizer_random
@@ -144,11 +171,19 @@ def _part_shapes(config: S3GenConfig, part: str) -> dict[str, tuple[int, ...]]:
     return {f"{part}.{k}": tuple(v.shape) for k, v in sd.items()}
 
 
+def is_meanflow_file(path: str | Path) -> bool:
+    """Whether an S3Gen file holds a mean-flow (Turbo) flow: its header has the time mixer."""
+    with TensorFile(Path(path)) as f:
+        return MEANFLOW_KEY in f.keys()  # noqa: SIM118
+
+
 def infer_config(path: str | Path, parts: Iterable[str] = PARTS) -> S3GenConfig:
-    """The known S3Gen config (English, then tiny) whose `parts` match the file's tensor shapes."""
+    """The known S3Gen config (English, then tiny) whose `parts` match the file's tensor shapes; a
+    mean-flow one if the file has the time mixer."""
     path = Path(path)
     shapes = _file_shapes(path)
-    for candidate in (S3GenConfig.english(), S3GenConfig.tiny()):
+    meanflow = MEANFLOW_KEY in shapes
+    for candidate in (S3GenConfig.english(meanflow), S3GenConfig.tiny(meanflow)):
         if all(
             all(
                 shapes.get(k, s) == s and (k in shapes or k.split(".", 1)[1] in _derived_names(p))
@@ -251,9 +286,13 @@ class S3Gen(nn.Module):
         parts: Iterable[str] = SPEECH_PARTS,
         config: S3GenConfig | None = None,
     ) -> S3Gen:
-        """Load the named parts of `s3gen.safetensors`; the others stay None until `load_parts`."""
+        """Load the named parts of `s3gen.safetensors` (or Turbo's `s3gen_meanflow.safetensors`: the
+        config, read from the file unless given, says which); the others stay None until `load_parts`."""
         parts = tuple(parts)
         path = Path(path)
+        if config is not None and "flow" in parts and config.meanflow != is_meanflow_file(path):
+            kind = "a mean-flow (Turbo)" if config.meanflow else "a plain (non-Turbo)"
+            raise CheckpointError(f"{path} does not hold {kind} S3Gen flow, which the given config asks for")
         model = cls(config or infer_config(path, parts), parts=())
         model.load_parts(path, parts, device, dtype)
         return model.eval()
