@@ -1,11 +1,14 @@
 """CPU synthesis of a 300-word text on a full-size random checkpoint: time to first chunk and RTF, as JSON.
 
     .venv/bin/python benchmarks/cpu_synthesis.py [--checkpoint DIR] [--words 300] [--threads 2]
-                                                 [--tokens-per-word 10] [--flow-steps 10]
+                                                 [--tokens-per-word 10] [--flow-steps N]
+                                                 [--variants english,turbo]
 
-The checkpoint (all five files, full English sizes, random weights, seed 0) is written once to
---checkpoint and reused. It loads through the service exactly as `chatterbox synthesize --device cpu`
-does (fp32) and speaks with the built-in voice and default sampling.
+Each variant's checkpoint (full size, random weights, seed 0) is written once to --checkpoint/VARIANT and
+reused. It loads through the service exactly as `chatterbox synthesize --device cpu` does (fp32) and
+speaks with the built-in voice and the variant's default sampling and flow steps (--flow-steps overrides
+them). With several variants, one after the other in this process, `rtf_ratios` gives each one's RTF
+over the first's.
 
 Random weights never choose the stop token, so every chunk would run to --max-tokens. To make the audio
 about as long as real speech of the text, each chunk gets max_tokens = tokens_per_word x its words
@@ -36,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatterbox_cli import pipeline, service  # noqa: E402
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
+from chatterbox_cli.variants import VARIANTS  # noqa: E402
 
-FILES = ("t3_cfg.safetensors", "s3gen.safetensors", "ve.safetensors", "tokenizer.json", "conds.pt")
 SENTENCES = (
     "The lighthouse keeper climbed the narrow stairs every evening before the sun went down.",
     "He checked the lamp, wiped the salt from the glass, and wrote the weather into his book.",
@@ -58,9 +61,9 @@ def text_of(words: int) -> str:
     return " ".join(text).rstrip(",") + ("" if text[-1].endswith(".") else ".")
 
 
-def ensure_checkpoint(folder: Path) -> Path:
-    if not all((folder / name).exists() for name in FILES):
-        write_random_checkpoint(folder, size="full", seed=0)
+def ensure_checkpoint(folder: Path, variant: str) -> Path:
+    if not all((folder / name).exists() for name in VARIANTS[variant].all_files):
+        write_random_checkpoint(folder, size="full", seed=0, variant=variant)
     return folder
 
 
@@ -70,22 +73,30 @@ def main() -> None:
     ap.add_argument("--words", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tokens-per-word", type=float, default=10.0)
-    ap.add_argument("--flow-steps", type=int, default=10)
+    ap.add_argument("--flow-steps", type=int, default=None, help="default: the variant's")
+    ap.add_argument("--variants", default="english")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    runs = [measure(args, variant) for variant in args.variants.split(",")]
+    report: dict[str, object] = {"runs": runs}
+    if len(runs) > 1:
+        report["rtf_ratios"] = {r["variant"]: round(r["rtf"] / runs[0]["rtf"], 3) for r in runs[1:]}
+    print(json.dumps(report, indent=2))
 
+
+def measure(args: argparse.Namespace, variant: str) -> dict:
     started = time.perf_counter()
-    folder = ensure_checkpoint(args.checkpoint)
+    folder = ensure_checkpoint(args.checkpoint / variant, variant)
     write_s = time.perf_counter() - started
 
     start_load = time.perf_counter()
-    model = service.load(service.LoadRequest(model=str(folder), device="cpu"))
-    conds = service.voice(model, None, 0.5)
+    model = service.load(service.LoadRequest(model=str(folder), device="cpu", variant=variant))
+    settings = pipeline.SynthesisSettings(seed=0, flow_steps=args.flow_steps).for_variant(model.variant)
+    conds = service.voice(model, None, float(settings.exaggeration))  # type: ignore[arg-type]
     load_s = time.perf_counter() - start_load
 
     text = text_of(args.words)
-    chunks, _ = pipeline.prepare_chunks(model.tokenizer, text)
-    settings = pipeline.SynthesisSettings(seed=0, flow_steps=args.flow_steps)
+    chunks, _ = pipeline.prepare_chunks(model.tokenizer.for_language(None), text)
     pause = round(settings.pause_seconds * 24_000)
 
     start = time.perf_counter()
@@ -112,34 +123,30 @@ def main() -> None:
     synthesis_s = time.perf_counter() - start
     audio_s = audio_frames / 24_000
 
-    print(
-        json.dumps(
-            {
-                "benchmark": "cpu_synthesis",
-                "words": len(text.split()),
-                "chunks": len(chunks),
-                "threads": args.threads,
-                "torch": torch.__version__,
-                "device": str(model.device),
-                "preset": model.preset,
-                "flow_steps": args.flow_steps,
-                "tokens_per_word": args.tokens_per_word,
-                "checkpoint_write_s": round(write_s, 1),
-                "load_s": round(load_s, 2),
-                "time_to_first_chunk_s": round(first_chunk_s or 0.0, 2),
-                "time_to_first_chunk_from_process_start_s": round(first_from_process_s or 0.0, 2),
-                "audio_s": round(audio_s, 2),
-                "synthesis_s": round(synthesis_s, 2),
-                "rtf": round(synthesis_s / audio_s, 3),
-                "t3_tokens": tokens,
-                "t3_tokens_per_s": round(tokens / t3_s, 2),
-                "s3gen_rtf": round(s3gen_s / (audio_frames / 24_000), 3),
-                "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                "per_chunk": per_chunk,
-            },
-            indent=2,
-        )
-    )
+    return {
+        "benchmark": "cpu_synthesis",
+        "variant": variant,
+        "words": len(text.split()),
+        "chunks": len(chunks),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "device": str(model.device),
+        "preset": model.preset,
+        "flow_steps": settings.flow_steps,
+        "tokens_per_word": args.tokens_per_word,
+        "checkpoint_write_s": round(write_s, 1),
+        "load_s": round(load_s, 2),
+        "time_to_first_chunk_s": round(first_chunk_s or 0.0, 2),
+        "time_to_first_chunk_from_process_start_s": round(first_from_process_s or 0.0, 2),
+        "audio_s": round(audio_s, 2),
+        "synthesis_s": round(synthesis_s, 2),
+        "rtf": round(synthesis_s / audio_s, 3),
+        "t3_tokens": tokens,
+        "t3_tokens_per_s": round(tokens / t3_s, 2),
+        "s3gen_rtf": round(s3gen_s / (audio_frames / 24_000), 3),
+        "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        "per_chunk": per_chunk,
+    }
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Each probe synchronizes the GPU before it reads the clock, so a step's figure is
 
     python benchmarks/first_audio.py --checkpoint DIR [--presets fp16,bnb-8bit] [--repeat 2]
         [--early bnb-8bit=16,bnb-4bit-swap=24]   (another early-piece length for a preset, to measure it)
+        [--variant turbo]                        (the checkpoint's variant; written there if missing)
 
 Prints one JSON object: per preset and repeat, first_audio_s as the CLI reports it and the steps in order.
 """
@@ -34,6 +35,7 @@ from chatterbox_cli.audio import StreamingWavWriter  # noqa: E402
 from chatterbox_cli.models.s3gen.s3gen import S3Gen  # noqa: E402
 from chatterbox_cli.models.t3 import T3, Decoding  # noqa: E402
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
+from chatterbox_cli.variants import VARIANTS  # noqa: E402
 
 SENTENCE = "The keeper lit the lamp and watched the sea."
 STEPS: list[tuple[str, float, float]] = []
@@ -64,13 +66,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs per preset (the first loads cold)")
     parser.add_argument("--max-tokens", type=int, default=300)
     parser.add_argument("--early", default="", help="PRESET=TOKENS,...: another early-piece length")
+    parser.add_argument("--variant", default="english", choices=sorted(VARIANTS))
     args = parser.parse_args()
     for item in filter(None, args.early.split(",")):
         name, tokens = item.split("=")
         presets.PRESETS[name] = dataclasses.replace(presets.PRESETS[name], early_tokens=int(tokens))
     checkpoint = Path(args.checkpoint)
-    if not (checkpoint / "t3_cfg.safetensors").exists():
-        write_random_checkpoint(checkpoint, "full", seed=0)
+    if not (checkpoint / VARIANTS[args.variant].file("t3")).exists():
+        write_random_checkpoint(checkpoint, "full", seed=0, variant=args.variant)
 
     probe(service, "batch_size", "batch size")
     probe(T3, "start_batch", "T3 prefill + graph capture")
@@ -81,11 +84,13 @@ def main() -> None:
     probe(service, "warm_up", "warm-up")  # the CLI's first_audio_s counts from its end
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
-    report: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "runs": []}
+    report: dict[str, object] = {"gpu": gpu, "torch": torch.__version__, "variant": args.variant, "runs": []}
     work = Path(tempfile.mkdtemp(prefix="first-audio-"))
     for preset in args.presets.split(","):
         for repeat in range(args.repeat):
-            load = service.LoadRequest(model=str(checkpoint), preset=preset, max_tokens=args.max_tokens)
+            load = service.LoadRequest(
+                model=str(checkpoint), preset=preset, max_tokens=args.max_tokens, variant=args.variant
+            )
             settings = pipeline.SynthesisSettings(seed=1, max_tokens=args.max_tokens)
             job = jobs.SynthesizeJob(
                 SENTENCE, None, str(work / f"{preset}.wav"), None, None, settings, load, quiet=True

@@ -21,6 +21,7 @@ for step in "$@"; do
     memory) python3 benchmarks/memory.py --checkpoint $CK --presets ${MEM_PRESETS:-fp16,bnb-8bit,bnb-4bit} --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
     caps) OUT= python3 benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
     first) python3 benchmarks/first_audio.py --checkpoint $CK ${FIRST_ARGS:-} > "$OUT/first_audio.json" 2> >(tee "$OUT/first_audio.log" >&2) ;;
+    first-turbo) python3 benchmarks/first_audio.py --checkpoint /tmp/ck-turbo --variant turbo ${FIRST_TURBO_ARGS:-} > "$OUT/first_audio_turbo.json" 2> >(tee "$OUT/first_audio_turbo.log" >&2) ;;
     variants) python3 benchmarks/variant_speed.py --folder /tmp/ck-variants ${VARIANT_ARGS:-} > "$OUT/variant_speed.json" 2> >(tee "$OUT/variant_speed.log" >&2) ;;
     small) python3 benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;

@@ -430,6 +430,18 @@ def resample(wav: np.ndarray, sr_in: int, sr_out: int, quality: str = "HQ") -> n
     return np.asarray(soxr.resample(audio, sr_in, sr_out, quality=quality), dtype=np.float32)
 
 
+def normalize_loudness(wav: np.ndarray, sample_rate: int, target_lufs: float) -> np.ndarray:
+    """`wav` (mono float) scaled to `target_lufs` of integrated loudness (ITU-R BS.1770, measured with
+    pyloudnorm, as Turbo's reference does). Audio whose loudness cannot be measured (silence: -inf) is
+    returned as it is."""
+    import pyloudnorm
+
+    audio = np.asarray(wav, dtype=np.float32)
+    loudness = pyloudnorm.Meter(sample_rate).integrated_loudness(audio.astype(np.float64))
+    gain = 10.0 ** ((target_lufs - loudness) / 20.0)
+    return audio * np.float32(gain) if math.isfinite(gain) and gain > 0.0 else audio
+
+
 def resample_tensor(wav: torch.Tensor, sr_in: int, sr_out: int, quality: str = "HQ") -> torch.Tensor:
     """`resample` for a tensor of shape (..., time); returns the same dtype on the same device."""
     import torch

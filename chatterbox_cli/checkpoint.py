@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, UsageError
-from chatterbox_cli.variants import ENGLISH, Role, Variant, variant_of_folder
+from chatterbox_cli.variants import ENGLISH, Role, Variant, variant_of_folder, variant_of_repo
 
 if TYPE_CHECKING:
     import torch
@@ -202,7 +202,7 @@ def _resolve_local(model: str, variant: Variant) -> Checkpoint:
         )
         raise CheckpointError(
             f"checkpoint folder {folder} lacks {', '.join(missing)} of the {variant.name} model.{hint} "
-            + _how_to_get(DEFAULT_REPO, None, missing, local_dir=folder, variant=variant)
+            + _how_to_get(variant.repo, None, missing, local_dir=folder, variant=variant)
         )
     return Checkpoint(folder=folder.resolve(), source="local", variant=variant)
 
@@ -268,8 +268,9 @@ def resolve_checkpoint(
             variant = variant_of_folder({p.name for p in folder.iterdir()})
         return _resolve_local(model, variant or ENGLISH)
 
-    variant = variant or ENGLISH
-    repo_id = model
+    variant = variant or variant_of_repo(model) or ENGLISH
+    # the default repo stands for "the official checkpoint": Turbo's lives in a repo of its own
+    repo_id = variant.repo if model == DEFAULT_REPO else model
     cache_dir = hub_cache_dir()
     try:
         checkpoint, missing = _from_cache(repo_id, revision, cache_dir, variant)
@@ -339,8 +340,8 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
                 headers[name] = safetensors_header(p)
                 if not headers[name]:
                     raise CheckpointError(f"{p} holds no tensors")
-            elif name == variant.file("tokenizer"):
-                _check_tokenizer_json(p)
+            elif name == variant.file("tokenizer") and variant.tokenizer != "gpt2":
+                _check_tokenizer_json(p)  # (GPT-2's vocab.json is a plain map, read with merges.txt)
             elif name.endswith(".pt"):
                 _check_torch_zip(p)
             elif name.endswith(".json"):
@@ -355,7 +356,7 @@ def validate(checkpoint: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
             _how_to_get(checkpoint.repo_id, checkpoint.revision, tuple(bad), force=True, variant=variant)
             if checkpoint.repo_id
             else _how_to_get(
-                DEFAULT_REPO, None, tuple(bad), local_dir=checkpoint.folder, force=True, variant=variant
+                variant.repo, None, tuple(bad), local_dir=checkpoint.folder, force=True, variant=variant
             )
         )
         raise CheckpointError(

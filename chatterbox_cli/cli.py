@@ -281,24 +281,53 @@ def synthesize(
         ),
     ] = None,
     exaggeration: Annotated[
-        float, typer.Option(help="Emotion exaggeration (0.5 neutral).", rich_help_panel=_PANEL_VOICE)
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Emotion exaggeration. Default: 0.5 (neutral); Turbo has no such input.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     cfg_weight: Annotated[
-        float,
-        typer.Option(help="Classifier-free guidance weight (0 turns it off).", rich_help_panel=_PANEL_VOICE),
-    ] = 0.5,
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance weight (0 turns it off). Default: 0.5; Turbo has no guidance.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     temperature: Annotated[
         float, typer.Option(help="Sampling temperature (0 = greedy).", rich_help_panel=_PANEL_VOICE)
     ] = 0.8,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.", rich_help_panel=_PANEL_VOICE)] = 1.0,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            help="Nucleus sampling mass. Default: 1.0; Turbo 0.95.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            help="Keep the k most likely speech tokens (0: all). Default: 0; Turbo 1000.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     min_p: Annotated[
-        float,
-        typer.Option(help="Drop tokens below this fraction of the top one.", rich_help_panel=_PANEL_VOICE),
-    ] = 0.05,
+        float | None,
+        typer.Option(
+            help="Drop tokens below this fraction of the top one. Default: 0.05; Turbo has no min-p.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     repetition_penalty: Annotated[
         float | None,
         typer.Option(
-            help="Penalty for repeated speech tokens. Default: the model's (English 1.2, multilingual 2.0).",
+            help="Penalty for repeated speech tokens. Default: the model's (English and Turbo 1.2, "
+            "multilingual 2.0).",
             rich_help_panel=_PANEL_VOICE,
             show_default=False,
         ),
@@ -317,8 +346,13 @@ def synthesize(
         typer.Option(help="Seed for reproducible audio (default: random).", rich_help_panel=_PANEL_VOICE),
     ] = None,
     flow_steps: Annotated[
-        int, typer.Option(help="Flow-matching (Euler) steps of S3Gen.", rich_help_panel=_PANEL_VOICE)
-    ] = 10,
+        int | None,
+        typer.Option(
+            help="Flow-matching (Euler) steps of S3Gen. Default: 10; Turbo 2.",
+            rich_help_panel=_PANEL_VOICE,
+            show_default=False,
+        ),
+    ] = None,
     max_tokens: Annotated[
         int,
         typer.Option(help="Speech tokens per chunk at most (25 per second).", rich_help_panel=_PANEL_VOICE),
@@ -328,10 +362,11 @@ def synthesize(
     ] = 0.1,
     model: Annotated[str, typer.Option(help=_MODEL_HELP, rich_help_panel=_PANEL_MODEL)] = DEFAULT_MODEL,
     variant: Annotated[
-        Literal["english", "multilingual"] | None,
+        Literal["english", "multilingual", "turbo"] | None,
         typer.Option(
-            help="Model variant. Default: what a local --model folder holds; multilingual with a "
-            "--language other than en; else english.",
+            help="Model variant. Default: what a local --model folder holds (or turbo for "
+            "--model ResembleAI/chatterbox-turbo); multilingual with a --language other than en; else "
+            "english.",
             rich_help_panel=_PANEL_MODEL,
             show_default=False,
         ),
@@ -400,6 +435,7 @@ def synthesize(
             cfg_weight=cfg_weight,
             temperature=temperature,
             top_p=top_p,
+            top_k=top_k,
             min_p=min_p,
             repetition_penalty=repetition_penalty,
             language=language,
@@ -445,9 +481,10 @@ def synthesize(
 def estimate(
     model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
     variant: Annotated[
-        Literal["english", "multilingual"] | None,
+        Literal["english", "multilingual", "turbo"] | None,
         typer.Option(
-            help="Model variant. Default: what a local --model folder holds, else english.",
+            help="Model variant. Default: what a local --model folder holds (or turbo for "
+            "--model ResembleAI/chatterbox-turbo), else english.",
             show_default=False,
         ),
     ] = None,
@@ -466,7 +503,13 @@ def estimate(
     ] = None,
     max_tokens: Annotated[int, typer.Option(help="Speech tokens per utterance.")] = 1000,
     batch: Annotated[int, typer.Option(help="Utterances decoded at once.")] = 1,
-    cfg_weight: Annotated[float, typer.Option(help="Guidance weight (0: no unconditional row).")] = 0.5,
+    cfg_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Guidance weight (0: no unconditional row). Default: the model's (0.5; Turbo none).",
+            show_default=False,
+        ),
+    ] = None,
     device: Annotated[
         str, typer.Option(help="GPU to check the free memory of: auto, cuda or cuda:N.")
     ] = "auto",

@@ -177,13 +177,14 @@ def t3_shape(header: Mapping[str, TensorInfo]) -> T3Shape:
 
 
 def t3_as_loaded(header: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
-    """The T3 header as the loaded model holds its tensors: weights stored transposed (GPT-2's Conv1D) in
-    nn.Linear's [out, in], tensors that are never loaded left out (models/loading.py)."""
+    """The T3 header as the service loads its tensors: weights stored transposed (GPT-2's Conv1D) in
+    nn.Linear's [out, in], tensors that are never loaded left out (models/loading.py; the text head,
+    T3.drop_text_head)."""
     from chatterbox_cli.models.loading import infer_t3_config
-    from chatterbox_cli.models.t3 import stored_transposed, stored_unused
+    from chatterbox_cli.models.t3 import TEXT_HEAD, stored_transposed, stored_unused
 
     config = infer_t3_config(dict(header))
-    flipped, unused = stored_transposed(config), stored_unused(config)
+    flipped, unused = stored_transposed(config), {*stored_unused(config), TEXT_HEAD}
     return {
         name: TensorInfo(info.dtype, info.shape[::-1]) if name in flipped else info
         for name, info in header.items()
@@ -323,7 +324,6 @@ def read_headers(
             needs = ", ".join(variant.file(r) for r in WEIGHT_ROLES)
             raise CheckpointError(f"{path} is missing; the {variant.name} checkpoint folder needs {needs}")
         headers[role] = tensor_infos(path)
-    headers["t3"] = t3_as_loaded(headers["t3"])
     return headers
 
 
@@ -343,9 +343,10 @@ def estimate_plan(
     if max_tokens < 1 or batch < 1 or text_tokens < 0 or cfg_weight < 0:
         raise UsageError("max_tokens and batch must be >= 1, text_tokens and cfg_weight >= 0")
     parts: dict[Component, ComponentEstimate] = {}
+    loaded = {**headers, "t3": t3_as_loaded(headers["t3"])}  # as the model holds the T3 tensors
     for comp, (role, prefix) in COMPONENT_SOURCES.items():
         float_bytes = FLOAT_BYTES.get(comp, ACT_BYTES)
-        parts[comp], _ = component_weights(headers[role], plan[comp], prefix, float_bytes)
+        parts[comp], _ = component_weights(loaded[role], plan[comp], prefix, float_bytes)
     components = {}
     for key, members in _REPORT_PARTS.items():
         ests = [parts[m] for m in members]

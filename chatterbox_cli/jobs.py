@@ -300,7 +300,11 @@ class _Runner:
         started = time.perf_counter()
         # The holder owns the model: a step-down on CUDA out-of-memory may replace it at any stage.
         self.holder: ModelHolder = service.ModelHolder(self.request, self.notify)
-        self.settings = self.settings.for_variant(self.holder.model.variant)  # loads it now, stepping down
+        variant = self.holder.model.variant  # loads it now, stepping down
+        ignored = self.settings.ignored_by(variant)
+        if ignored:
+            self.warn(f"the {variant.name} model has no input for {', '.join(ignored)}: ignored")
+        self.settings = self.settings.for_variant(variant)
         run.load_s = time.perf_counter() - started
 
         # Text problems show before the voice is prepared.

@@ -20,12 +20,12 @@ import torch
 from chatterbox_cli.audio import crossfade, fade_edges, join_pause
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.languages import LANGUAGES, find_language
-from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, Conditionals
+from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, S3GEN_SILENCE_TOKEN, Conditionals
 from chatterbox_cli.models.s3gen import S3Gen
 from chatterbox_cli.models.sampling import SamplingSettings
 from chatterbox_cli.models.t3 import T3, T3Config
 from chatterbox_cli.models.tokenizer import CheckpointTokenizer, TextTokenizer
-from chatterbox_cli.text import DEFAULT_MAX_TOKENS, chunk_text, normalize, strip_unspeakable
+from chatterbox_cli.text import DEFAULT_MAX_TOKENS, strip_unspeakable
 from chatterbox_cli.variants import Variant
 
 SAMPLE_RATE = 24_000
@@ -36,6 +36,18 @@ MAX_SEED = 2**63 - 1
 # crossfade.
 EARLY_LOOKAHEAD = 8
 CROSSFADE_MS = 20.0
+
+
+# The settings whose default is the variant's (variants.Generation)
+VARIANT_DEFAULTS = (
+    "exaggeration",
+    "cfg_weight",
+    "top_p",
+    "min_p",
+    "top_k",
+    "repetition_penalty",
+    "flow_steps",
+)
 
 
 class SpeechModel(Protocol):
@@ -62,37 +74,48 @@ class SpeechModel(Protocol):
 
 @dataclass(frozen=True)
 class SynthesisSettings:
-    """Everything that changes the audio of a text. Defaults are the reference's defaults; None: the
-    model variant's own (variants.Variant)."""
+    """Everything that changes the audio of a text. None: the model variant's own default (the
+    reference's; variants.Generation), filled in by `for_variant`."""
 
-    exaggeration: float = 0.5
-    cfg_weight: float = 0.5
+    exaggeration: float | None = None
+    cfg_weight: float | None = None
     temperature: float = 0.8
-    top_p: float = 1.0
-    min_p: float = 0.05
-    repetition_penalty: float | None = None  # None: the variant's (English 1.2, multilingual 2.0)
+    top_p: float | None = None
+    min_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
     language: str | None = None  # a code of languages.LANGUAGES; None: English, or detected (jobs)
     seed: int | None = None  # None: a random seed per run (see `with_seed`)
-    flow_steps: int = 10
+    flow_steps: int | None = None
     max_tokens: int = 1000  # speech tokens per chunk (25 per second of audio)
     pause_seconds: float = 0.1  # silence between chunks
     chunk_tokens: int = DEFAULT_MAX_TOKENS  # text tokens per chunk at most
 
     def __post_init__(self) -> None:
-        self.sampling(1.0)  # validates temperature, top_p, min_p and repetition_penalty
+        def given(value: float | None, neutral: float) -> float:
+            return neutral if value is None else value
+
+        SamplingSettings(  # validates the sampling settings given
+            temperature=self.temperature,
+            min_p=given(self.min_p, 0.0),
+            top_p=given(self.top_p, 1.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0),
+            top_k=int(given(self.top_k, 0)),
+        )
         if self.language is not None:
             object.__setattr__(self, "language", find_language(self.language).code)  # "FR" -> "fr"
-        if not 0.0 <= self.exaggeration <= 10.0:
+        if not 0.0 <= given(self.exaggeration, 0.5) <= 10.0:
             raise UsageError(
                 f"--exaggeration must be between 0 and 10 (0.5 is neutral), got {self.exaggeration}"
             )
-        if not self.cfg_weight >= 0.0:
+        if not given(self.cfg_weight, 0.0) >= 0.0:
             raise UsageError(f"--cfg-weight must be >= 0 (0 turns guidance off), got {self.cfg_weight}")
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
             raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
-        if not 1 <= self.flow_steps <= 100:
+        if not 1 <= given(self.flow_steps, 1) <= 100:
             raise UsageError(
-                f"--flow-steps must be between 1 and 100 (10 is the default), got {self.flow_steps}"
+                f"--flow-steps must be between 1 and 100 (the model's default: 10, Turbo 2), got "
+                f"{self.flow_steps}"
             )
         if self.max_tokens < 1:
             raise UsageError(
@@ -103,18 +126,31 @@ class SynthesisSettings:
         if self.chunk_tokens < 8:
             raise UsageError(f"chunk_tokens must be >= 8, got {self.chunk_tokens}")
 
-    def sampling(self, default_penalty: float) -> SamplingSettings:
-        """T3's sampling; `default_penalty` (the variant's) where repetition_penalty is None."""
-        penalty = default_penalty if self.repetition_penalty is None else self.repetition_penalty
-        return SamplingSettings(
-            temperature=self.temperature, min_p=self.min_p, top_p=self.top_p, repetition_penalty=penalty
-        )
+    def ignored_by(self, variant: Variant) -> list[str]:
+        """The settings given (not left to the variant) that `variant` has no input for (Turbo: guidance,
+        min-p, exaggeration), as option names."""
+        ignored = variant.generation.ignored
+        return ["--" + name.replace("_", "-") for name in ignored if getattr(self, name) is not None]
 
     def for_variant(self, variant: Variant) -> SynthesisSettings:
-        """These settings with the variant's defaults filled in where they were left to it."""
-        if self.repetition_penalty is not None:
-            return self
-        return replace(self, repetition_penalty=variant.repetition_penalty)
+        """These settings with the variant's defaults filled in where they were left to it, and the
+        settings it has no input for at their neutral value (0)."""
+        g = variant.generation
+        filled = {name: getattr(g, name) for name in VARIANT_DEFAULTS if getattr(self, name) is None}
+        neutral = dict.fromkeys(g.ignored, 0.0)
+        return replace(self, **{**filled, **neutral})
+
+    def sampling(self, variant: Variant) -> SamplingSettings:
+        """T3's sampling under `variant` (its defaults where these settings leave them open)."""
+        s = self.for_variant(variant)
+        return SamplingSettings(
+            temperature=s.temperature,
+            min_p=float(s.min_p),  # type: ignore[arg-type]  # filled by for_variant
+            top_p=float(s.top_p),  # type: ignore[arg-type]
+            repetition_penalty=float(s.repetition_penalty),  # type: ignore[arg-type]
+            top_k=int(s.top_k),  # type: ignore[arg-type]
+            penalty_last=variant.generation.penalty_last,
+        )
 
     def to_dict(self) -> dict[str, object]:
         """Plain values for JSON output and the batch settings hash (seed None means "any seed")."""
@@ -169,12 +205,7 @@ def prepare_chunks(
     """
     kept, dropped = strip_unspeakable(text, tokenizer.speaks)
     try:
-        chunks = chunk_text(
-            kept,
-            chunk_tokens,
-            count_tokens=lambda piece: len(tokenizer.encode(piece)),
-            language=tokenizer.language,
-        )
+        chunks = tokenizer.chunk(kept, chunk_tokens)
     except UsageError as e:
         if dropped:
             raise UsageError(
@@ -196,17 +227,20 @@ def describe_chars(chars: Sequence[str], limit: int = 12) -> str:
 def text_tokens(
     tokenizer: TextTokenizer, chunk: str, index: int, config: T3Config
 ) -> tuple[torch.Tensor, list[str]]:
-    """Token ids of the normalized chunk between T3's start and stop text tokens (the model's, whatever
-    the tokenizer's vocabulary calls them, as the reference pads them), without characters that would
-    become [UNK], and the characters dropped. UsageError if T3 has fewer text positions."""
-    normalized = normalize(chunk, tokenizer.language)
+    """Token ids of the normalized chunk, between T3's start and stop text tokens where the model wraps its
+    text (the model's, whatever the tokenizer's vocabulary calls them, as the reference pads them; Turbo's
+    is not wrapped), without characters that would become [UNK], and the characters dropped. UsageError
+    if T3 has fewer text positions."""
+    normalized = tokenizer.normalize(chunk)
     report = tokenizer.encode_report(normalized)
     dropped = [*report.unknown_chars, *[c for c in report.dropped_chars if not c.isspace()]]
     ids = report.ids
     if report.unknown_chars:
         unknown = set(report.unknown_chars)
         ids = tokenizer.encode(" ".join("".join(c for c in normalized if c not in unknown).split()))
-    tokens = torch.tensor([config.start_text_token, *ids, config.stop_text_token], dtype=torch.long)
+    if config.wrap_text:
+        ids = [config.start_text_token, *ids, config.stop_text_token]
+    tokens = torch.tensor(ids, dtype=torch.long)
     if tokens.numel() > config.text_positions:
         raise UsageError(
             f"chunk {index + 1} has {tokens.numel()} text tokens, more than the model's "
@@ -257,12 +291,13 @@ def synthesize(
     with the rest of the chunk follows. S3Gen draws its noise from a generator of its own per chunk, so
     the rest is the same audio as without the early piece.
     """
-    settings = settings.with_seed()
+    settings = settings.with_seed().for_variant(model.variant)
     t3, s3gen, device = model.t3, model.s3gen, model.device
     limit = t3.config.speech_positions - 1
     if settings.max_tokens > limit:
         raise UsageError(f"--max-tokens {settings.max_tokens} is more than this model allows ({limit})")
-    sampling = settings.sampling(model.variant.repetition_penalty)
+    sampling = settings.sampling(model.variant)
+    silence = torch.full((model.variant.generation.trailing_silence,), S3GEN_SILENCE_TOKEN, device=device)
     tokenizer = model.tokenizer.for_language(settings.language)
     t3_cond = conds.t3.to(device)
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
@@ -325,6 +360,8 @@ def synthesize(
         speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
         del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)
         counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
+        # the variant's trailing silence (Turbo: three of S3Gen's silence tokens) ends each voiced chunk
+        speech = [torch.cat((s, silence)) if n else s for s, n in zip(speech, counts, strict=True)]
         t3_s = (time.perf_counter() - started) / len(group)
 
         started = time.perf_counter()

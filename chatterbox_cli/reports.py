@@ -46,9 +46,10 @@ def estimate_report(request: LoadRequest, preset: str | None) -> EstimateReport:
         preset or "all",
         max_tokens=request.max_tokens,
         batch=request.batch,
-        cfg_weight=request.cfg_weight,
+        cfg_weight=service.cfg_weight(request, checkpoint.variant),
         free_bytes=free,
         overrides=overrides,
+        variant=checkpoint.variant,
     )
 
 

@@ -66,7 +66,7 @@ class LoadRequest:
     variant: str | None = None  # english | multilingual; None: what a local folder holds, else English
     max_tokens: int = 1000
     batch: int = 1  # chunks decoded together; 0: as many as free GPU memory allows (AUTO_BATCH_LIMIT)
-    cfg_weight: float = 0.5
+    cfg_weight: float | None = None  # None: the variant's (English 0.5; Turbo has no guidance)
     allow_download: bool = True
     fallback: bool = True
     quant_cache: bool = True  # reuse / write quantized weights under quant_cache.quantized_dir()
@@ -179,6 +179,15 @@ def resolve(request: LoadRequest) -> Checkpoint:
     return checkpoint
 
 
+def cfg_weight(request: LoadRequest, variant: Variant) -> float:
+    """The guidance weight a run decodes with: the request's, else the variant's; 0 where the variant has
+    no guidance (its decoding then has no unconditional rows to count)."""
+    g = variant.generation
+    if "cfg_weight" in g.ignored:
+        return 0.0
+    return g.cfg_weight if request.cfg_weight is None else request.cfg_weight
+
+
 def _overrides(request: LoadRequest) -> dict[str, str] | None:
     return presets.parse_plan_spec(request.plan) if request.plan else None
 
@@ -191,7 +200,7 @@ def _estimate(
         preset,
         max_tokens=request.max_tokens,
         batch=max(1, request.batch),  # auto batch (0) adapts to what is left after loading
-        cfg_weight=request.cfg_weight,
+        cfg_weight=cfg_weight(request, checkpoint.variant),
         free_bytes=free,
         cuda_context_bytes=context,
         overrides=_overrides(request),
@@ -299,6 +308,7 @@ def _load_t3(
     config = infer_t3_config(safetensors_header(path))
     with torch.device("meta"):
         t3 = T3(config)
+    t3.drop_text_head()
     if plan is not None and plan["t3"].quantized:
         from chatterbox_cli.quant_cache import load_quantized_cached
 
@@ -443,7 +453,15 @@ def _voice_from_clip(
     # dropped when this frame ends, also when it ends in an error (the caller then releases their memory).
     ve = load_voice_encoder(model.checkpoint.file("ve"), device, torch.float32)
     prep = S3Gen.load(model.checkpoint.file("s3gen"), device, torch.float32, parts=VOICE_PARTS)
-    prepared = voice_from_clip(clip, ve, prep, exaggeration=exaggeration, model_key=key)
+    prepared = voice_from_clip(
+        clip,
+        ve,
+        prep,
+        exaggeration=exaggeration,
+        model_key=key,
+        rules=model.variant.voice,
+        prompt_tokens=model.t3.config.speech_cond_prompt_len,
+    )
     del ve, prep
     oom.release_cuda()
     for note in prepared.notes:
@@ -465,6 +483,7 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
     if model.device.type != "cuda":
         return 0.0
     started = time.perf_counter()
+    settings = settings.for_variant(model.variant)
     n = model.early_tokens or presets.EARLY_TOKENS
     generator = torch.Generator(model.device).manual_seed(0)
     tokenizer = model.tokenizer.for_language(settings.language)
@@ -476,7 +495,7 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
         cond,
         max_new_tokens=settings.max_tokens,
         cfg_weight=settings.cfg_weight,
-        sampling=settings.sampling(model.variant.repetition_penalty),
+        sampling=settings.sampling(model.variant),
         generators=[generator],
         ignore_stop=True,
     )
@@ -484,7 +503,7 @@ def warm_up(model: LoadedModel, conds: Conditionals, first_chunk: str, settings:
     model.use("s3gen")  # the early piece's turn, with the KV cache on the GPU as in pipeline.synthesize
     tokens = torch.randint(0, S3_CODEBOOK_SIZE, (1, n), generator=generator, device=model.device)
     gen = conds.gen.to(model.device, model.flow_dtype)
-    model.s3gen.synthesize(tokens, gen, generator=generator, keep_graph=True)
+    model.s3gen.synthesize(tokens, gen, n_timesteps=settings.flow_steps, generator=generator, keep_graph=True)
     del decoding
     model.use("t3")  # the first chunk starts with T3: its move is not part of the first audio
     torch.cuda.synchronize(model.device)
@@ -505,7 +524,7 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     if model.device.type != "cuda":
         return 1, "batch 1: the CPU decodes one chunk at a time"
     shape = model.t3_shape
-    cfg, max_tokens = request.cfg_weight > 0, request.max_tokens
+    cfg, max_tokens = cfg_weight(request, model.variant) > 0, request.max_tokens
     text = estimate.TEXT_TOKENS_DEFAULT
     per_chunk = estimate.kv_cache_bytes(shape, max_tokens, 1, cfg, text)
     per_chunk += estimate.t3_workspace_bytes(shape, max_tokens, 1, cfg, text)

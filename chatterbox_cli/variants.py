@@ -1,13 +1,16 @@
 """The Chatterbox model family: one description per variant, read by everything that differs between them.
 
 A variant says which files its checkpoint holds (by role: T3, S3Gen, the voice encoder, the tokenizer, the
-built-in voice, and any extra file its tokenizer needs), which languages it speaks and its generation
-defaults. The checkpoint resolver, the checkpoint writer, `estimate` and the service read this, instead of
-branching on the variant. Shapes are never listed here: T3's config is read from the checkpoint's header.
+built-in voice, and any extra file its tokenizer needs) and in which hub repo, which languages it speaks,
+its generation defaults (`Generation`: the reference's, and the settings the variant has no input for)
+and how a voice clip is prepared (`VoiceRules`). The checkpoint resolver, the checkpoint writer,
+`estimate` and the service read this, instead of branching on the variant. Shapes are never listed here:
+T3's config is read from the checkpoint's header.
 
-Facts from the released reference `chatterbox-tts` 0.1.7 (`tts.py`, `mtl_tts.py`): English ships
-safetensors; the multilingual model keeps T3 in safetensors but S3Gen and the voice encoder as torch
-pickles of state dicts (`s3gen.pt`, `ve.pt`), which we read with `torch.load(weights_only=True)` only.
+Facts from the released reference `chatterbox-tts` 0.1.7 (`tts.py`, `mtl_tts.py`, `tts_turbo.py`): English
+and Turbo ship safetensors; the multilingual model keeps T3 in safetensors but S3Gen and the voice encoder
+as torch pickles of state dicts (`s3gen.pt`, `ve.pt`), which we read with `torch.load(weights_only=True)`
+only.
 """
 
 from __future__ import annotations
@@ -21,8 +24,38 @@ from chatterbox_cli.languages import LANGUAGES
 Role = Literal["t3", "s3gen", "ve", "tokenizer", "conds"]
 ROLES: tuple[Role, ...] = ("t3", "s3gen", "ve", "tokenizer", "conds")
 # english: a BPE, spaces spelled [SPACE]; grapheme: lower-cased NFKD graphemes with a [xx] language token and
-# per-language steps (models/mtl_tokenizer.py). models.tokenizer.open_tokenizer reads either.
-TokenizerKind = Literal["english", "grapheme"]
+# per-language steps (models/mtl_tokenizer.py); gpt2: GPT-2's byte-level BPE with paralinguistic tags
+# (models/gpt2_tokenizer.py). models.tokenizer.open_tokenizer reads each.
+TokenizerKind = Literal["english", "grapheme", "gpt2"]
+Setting = Literal["cfg_weight", "exaggeration", "min_p"]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A variant's generation defaults (the reference's) and the settings it has no input for."""
+
+    repetition_penalty: float
+    cfg_weight: float = 0.5
+    exaggeration: float = 0.5
+    min_p: float = 0.05
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    penalty_last: bool = False  # the repetition penalty after the filters (models.sampling)
+    flow_steps: int = 10
+    # S3Gen's silence token appended this many times to every chunk's speech tokens before rendering
+    trailing_silence: int = 0
+    # Settings the model has no input for: a value given is ignored (with a warning) and the neutral value
+    # (0) used; the reference does the same.
+    ignored: tuple[Setting, ...] = ()
+
+
+@dataclass(frozen=True)
+class VoiceRules:
+    """How a reference clip becomes a voice (the reference's prepare_conditionals)."""
+
+    min_seconds: float = 0.5  # shorter clips are refused
+    t3_prompt_seconds: float = 6.0  # the start of the clip that T3's speech prompt is tokenized from
+    loudness_lufs: float | None = None  # the clip is first normalised to this integrated loudness
 
 
 @dataclass(frozen=True)
@@ -32,10 +65,12 @@ class Variant:
     files: dict[Role, str]  # the checkpoint file of each role
     tokenizer: TokenizerKind
     languages: tuple[str, ...]
-    repetition_penalty: float  # the reference's default for this variant
+    generation: Generation
     # T3 decodes under the alignment guard (models/alignment.py), which holds back or forces the stop token
     alignment_guard: bool
-    extra_files: tuple[str, ...] = ()  # fetched with the others; needed by the tokenizer for some languages
+    extra_files: tuple[str, ...] = ()  # fetched with the others; needed by the tokenizer
+    voice: VoiceRules = VoiceRules()
+    repo: str = "ResembleAI/chatterbox"  # the model hub repo that holds the files
 
     @property
     def all_files(self) -> tuple[str, ...]:
@@ -58,7 +93,7 @@ ENGLISH = Variant(
     },
     tokenizer="english",
     languages=("en",),
-    repetition_penalty=1.2,
+    generation=Generation(repetition_penalty=1.2),
     alignment_guard=False,
 )
 
@@ -74,12 +109,43 @@ MULTILINGUAL = Variant(
     },
     tokenizer="grapheme",
     languages=tuple(LANGUAGES),
-    repetition_penalty=2.0,
+    generation=Generation(repetition_penalty=2.0),
     alignment_guard=True,
     extra_files=("Cangjie5_TC.json",),
 )
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (ENGLISH, MULTILINGUAL)}
+TURBO = Variant(
+    name="turbo",
+    description="Chatterbox Turbo, English (GPT-2 medium T3 without guidance, 2-step meanflow S3Gen, "
+    "paralinguistic tags such as [laugh])",
+    files={
+        "t3": "t3_turbo_v1.safetensors",
+        "s3gen": "s3gen_meanflow.safetensors",
+        "ve": "ve.safetensors",
+        "tokenizer": "vocab.json",
+        "conds": "conds.pt",
+    },
+    tokenizer="gpt2",
+    languages=("en",),
+    generation=Generation(
+        repetition_penalty=1.2,
+        cfg_weight=0.0,
+        exaggeration=0.0,
+        min_p=0.0,
+        top_p=0.95,
+        top_k=1000,
+        penalty_last=True,
+        flow_steps=2,
+        trailing_silence=3,
+        ignored=("cfg_weight", "exaggeration", "min_p"),
+    ),
+    alignment_guard=False,
+    extra_files=("merges.txt", "added_tokens.json", "special_tokens_map.json", "tokenizer_config.json"),
+    repo="ResembleAI/chatterbox-turbo",
+    voice=VoiceRules(min_seconds=5.0, t3_prompt_seconds=15.0, loudness_lufs=-27.0),
+)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (ENGLISH, MULTILINGUAL, TURBO)}
 
 
 def get_variant(name: str) -> Variant:
@@ -107,6 +173,12 @@ def variant_for(variant: str | None, language: str | None) -> Variant | None:
             )
         return MULTILINGUAL
     return None
+
+
+def variant_of_repo(repo_id: str) -> Variant | None:
+    """The variant whose own repo `repo_id` is, when only one variant lives there (Turbo), else None."""
+    owners = [v for v in VARIANTS.values() if v.repo == repo_id]
+    return owners[0] if len(owners) == 1 else None
 
 
 def variant_of_folder(present: set[str]) -> Variant | None:

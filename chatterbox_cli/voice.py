@@ -20,10 +20,11 @@ import numpy as np
 import torch
 
 from chatterbox_cli import __version__
-from chatterbox_cli.audio import read_voice_clip, resample
+from chatterbox_cli.audio import normalize_loudness, read_voice_clip, resample
 from chatterbox_cli.checkpoint import hub_cache_dir
 from chatterbox_cli.errors import ChatterboxError, UsageError
 from chatterbox_cli.models.conds import CondDims, Conditionals, T3Cond, load_voice, save_voice
+from chatterbox_cli.variants import VoiceRules
 
 if TYPE_CHECKING:
     from chatterbox_cli.models.s3gen import S3Gen
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 S3GEN_SR = 24_000
 S3_SR = 16_000
 S3GEN_PROMPT_SECONDS = 10  # the reference's DEC_COND_LEN
-T3_PROMPT_SECONDS = 6  # the reference's ENC_COND_LEN
-T3_PROMPT_TOKENS = 150  # T3's speech_cond_prompt_len
+T3_PROMPT_TOKENS = 150  # T3's speech_cond_prompt_len (English and multilingual)
+DEFAULT_RULES = VoiceRules()  # English and multilingual (variants.VoiceRules)
 VOICE_SUFFIX = ".voice"
 
 
@@ -78,30 +79,40 @@ def _with_exaggeration(conds: Conditionals, exaggeration: float) -> Conditionals
 
 
 def conditionals_from_audio(
-    wav: np.ndarray, sample_rate: int, ve: VoiceEncoder, s3gen_prep: S3Gen, exaggeration: float = 0.5
+    wav: np.ndarray,
+    sample_rate: int,
+    ve: VoiceEncoder,
+    s3gen_prep: S3Gen,
+    exaggeration: float = 0.5,
+    rules: VoiceRules = DEFAULT_RULES,
+    prompt_tokens: int = T3_PROMPT_TOKENS,
 ) -> Conditionals:
-    """Conditionals (CPU, fp32) from mono float32 audio at any sample rate."""
+    """Conditionals (CPU, fp32) from mono float32 audio at any sample rate, under the variant's `rules`;
+    T3's speech prompt has at most `prompt_tokens` tokens."""
     wav24 = resample(np.asarray(wav, dtype=np.float32), sample_rate, S3GEN_SR)
-    wav16 = resample(wav24, S3GEN_SR, S3_SR)
-    if wav16.shape[0] < S3_SR // 2:
+    seconds = wav24.shape[0] / S3GEN_SR
+    if seconds < rules.min_seconds:
         raise UsageError(
-            f"the voice clip is {wav24.shape[0] / S3GEN_SR:.2f} s long; give a few seconds of speech"
+            f"the voice clip is {seconds:.2f} s long; give at least {rules.min_seconds:g} s of speech"
         )
+    if rules.loudness_lufs is not None:
+        wav24 = normalize_loudness(wav24, S3GEN_SR, rules.loudness_lufs)
+    wav16 = resample(wav24, S3GEN_SR, S3_SR)
 
     if s3gen_prep.tokenizer is None:
         raise UsageError(
             "S3Gen's speech tokenizer is not loaded; load the voice parts before preparing a voice"
         )
     gen = s3gen_prep.embed_ref(torch.from_numpy(wav24[: S3GEN_PROMPT_SECONDS * S3GEN_SR]), S3GEN_SR)
-    t3_prompt = torch.from_numpy(np.ascontiguousarray(wav16[: T3_PROMPT_SECONDS * S3_SR]))
+    t3_prompt = torch.from_numpy(np.ascontiguousarray(wav16[: int(rules.t3_prompt_seconds * S3_SR)]))
     tok_device = next(s3gen_prep.tokenizer.parameters()).device
-    prompt_tokens, _ = s3gen_prep.tokenizer([t3_prompt.to(tok_device)], max_len=T3_PROMPT_TOKENS)
+    prompt, _ = s3gen_prep.tokenizer([t3_prompt.to(tok_device)], max_len=prompt_tokens)
     speaker = ve.embeds_from_wavs([wav16], S3_SR)  # [1, 256]
 
     conds = Conditionals(
         T3Cond(
             speaker_emb=speaker,
-            cond_prompt_speech_tokens=torch.atleast_2d(prompt_tokens).long(),
+            cond_prompt_speech_tokens=torch.atleast_2d(prompt).long(),
             emotion_adv=torch.full((1, 1, 1), float(exaggeration)),
         ),
         gen,
@@ -129,6 +140,8 @@ def voice_from_clip(
     model_key: str = "",
     use_cache: bool = True,
     dims: CondDims | None = None,
+    rules: VoiceRules = DEFAULT_RULES,
+    prompt_tokens: int = T3_PROMPT_TOKENS,
 ) -> PreparedVoice:
     """The prepared voice for a clip, from the cache when it holds one for this clip and model.
 
@@ -150,7 +163,9 @@ def voice_from_clip(
 
     clip = read_voice_clip(clip_path)
     notes.extend(clip.notes)
-    conds = conditionals_from_audio(clip.audio, clip.sample_rate, ve, s3gen_prep, exaggeration)
+    conds = conditionals_from_audio(
+        clip.audio, clip.sample_rate, ve, s3gen_prep, exaggeration, rules, prompt_tokens
+    )
     metadata = {
         "sample_rate": str(S3GEN_SR),
         "source_sha256": clip_hash,

@@ -247,6 +247,7 @@ SETTING_CHANGES: dict[str, object] = {
     "cfg_weight": 0.3,
     "temperature": 0.7,
     "top_p": 0.9,
+    "top_k": 50,
     "min_p": 0.1,
     "repetition_penalty": 1.3,
     "seed": 4,

@@ -10,8 +10,9 @@ import torch
 
 from chatterbox_cli import pipeline, service
 from chatterbox_cli.errors import UsageError
+from chatterbox_cli.models.sampling import SamplingSettings
 from chatterbox_cli.pipeline import SynthesisSettings
-from chatterbox_cli.variants import ENGLISH, MULTILINGUAL
+from chatterbox_cli.variants import ENGLISH, MULTILINGUAL, TURBO
 
 FAST = {"max_tokens": 20, "flow_steps": 2}
 SENTENCES = [f"Sentence number {i} is here, and it goes on for a little while with words." for i in range(3)]
@@ -28,16 +29,32 @@ def conds(loaded: service.LoadedModel):  # noqa: ANN201
     return service.voice(loaded, None, 0.5)
 
 
-def test_settings_defaults_are_the_reference_ones() -> None:
+def test_settings_defaults_are_the_variants_own() -> None:
+    """Left open, sampling, guidance, exaggeration and flow steps are the variant's (the reference's);
+    settings the variant has no input for are at their neutral value, and said so when given."""
     s = SynthesisSettings()
-    assert (s.exaggeration, s.cfg_weight, s.temperature, s.top_p, s.min_p) == (0.5, 0.5, 0.8, 1.0, 0.05)
-    # the repetition penalty and the language are the model variant's
-    assert s.repetition_penalty is None and s.language is None
-    assert s.for_variant(ENGLISH).repetition_penalty == s.sampling(1.2).repetition_penalty == 1.2
+    assert (s.exaggeration, s.cfg_weight, s.top_p, s.min_p, s.top_k, s.flow_steps) == (None,) * 6
+    assert s.repetition_penalty is None and s.language is None and s.temperature == 0.8
+    english = s.for_variant(ENGLISH)
+    assert (english.exaggeration, english.cfg_weight, english.top_p, english.min_p, english.top_k) == (
+        0.5,
+        0.5,
+        1.0,
+        0.05,
+        0,
+    )
+    assert (english.repetition_penalty, english.flow_steps) == (1.2, 10)
+    assert s.sampling(ENGLISH) == SamplingSettings(0.8, 0.05, 1.0, 1.2, top_k=0, penalty_last=False)
     assert s.for_variant(MULTILINGUAL).repetition_penalty == 2.0
     assert SynthesisSettings(repetition_penalty=1.5).for_variant(MULTILINGUAL).repetition_penalty == 1.5
+    turbo = SynthesisSettings(cfg_weight=0.7, top_p=0.8).for_variant(TURBO)
+    assert (turbo.cfg_weight, turbo.exaggeration, turbo.min_p) == (0.0, 0.0, 0.0)  # no input for them
+    assert (turbo.top_p, turbo.top_k, turbo.repetition_penalty, turbo.flow_steps) == (0.8, 1000, 1.2, 2)
+    assert s.sampling(TURBO) == SamplingSettings(0.8, 0.0, 0.95, 1.2, top_k=1000, penalty_last=True)
+    assert SynthesisSettings(cfg_weight=0.7, min_p=0.1).ignored_by(TURBO) == ["--cfg-weight", "--min-p"]
+    assert SynthesisSettings(cfg_weight=0.7).ignored_by(ENGLISH) == []
     assert SynthesisSettings(language="FR").language == "fr"
-    assert (s.seed, s.flow_steps, s.max_tokens, s.pause_seconds) == (None, 10, 1000, 0.1)
+    assert (s.seed, s.max_tokens, s.pause_seconds) == (None, 1000, 0.1)
     assert s.to_dict()["seed"] is None and set(s.to_dict()) >= {"temperature", "flow_steps", "pause_seconds"}
 
 
@@ -47,6 +64,7 @@ def test_settings_defaults_are_the_reference_ones() -> None:
         {"temperature": -1},
         {"top_p": 0},
         {"min_p": 2},
+        {"top_k": -1},
         {"repetition_penalty": 0},
         {"cfg_weight": -0.1},
         {"flow_steps": 0},

@@ -34,6 +34,7 @@ from chatterbox_cli.errors import ChatterboxError, CheckpointError
 VOICE_FORMAT = "chatterbox-cli-voice"
 VOICE_FORMAT_VERSION = 1
 S3_CODEBOOK_SIZE = 6561  # valid S3 speech-token ids are 0..6560
+S3GEN_SILENCE_TOKEN = 4299  # the speech token of silence (the reference's S3GEN_SIL), appended by Turbo
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tokenizers.models import BPE
 
 from chatterbox_cli.errors import CheckpointError, UsageError
 from chatterbox_cli.models.tokenizer import EncodedText
+from chatterbox_cli.text import chunk_turbo_text, normalize_turbo
 
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
@@ -156,6 +157,13 @@ class Gpt2Tokenizer:
 
     def speaks(self, char: str) -> bool:
         return True  # see the module docstring
+
+    def normalize(self, chunk: str) -> str:
+        return normalize_turbo(chunk)
+
+    def chunk(self, text: str, max_tokens: int) -> list[str]:
+        count = lambda piece: len(self.encode(piece))  # noqa: E731
+        return chunk_turbo_text(text, max_tokens, count_tokens=count, tags=list(self.tags))
 
     def text_to_tokens(self, text: str) -> torch.Tensor:
         """LongTensor [T] of encode(text): Turbo's T3 takes the text ids without start/stop tokens."""

@@ -49,6 +49,7 @@ from tokenizers import Tokenizer
 from chatterbox_cli.errors import CheckpointError, UsageError
 from chatterbox_cli.languages import LANGUAGES, Language, find_language
 from chatterbox_cli.models.tokenizer import SPACE, START, STOP, UNK, EncodedText
+from chatterbox_cli.text import chunk_text, normalize
 from chatterbox_cli.variants import MULTILINGUAL
 
 VOCAB_FILE = MULTILINGUAL.file("tokenizer")
@@ -287,3 +288,11 @@ class LanguageTokenizer:
 
     def speaks(self, char: str) -> bool:
         return self.tokenizer.speaks(char, self.language)
+
+    def normalize(self, chunk: str) -> str:
+        return normalize(chunk, self.language)
+
+    def chunk(self, text: str, max_tokens: int) -> list[str]:
+        return chunk_text(
+            text, max_tokens, count_tokens=lambda piece: len(self.encode(piece)), language=self.language
+        )

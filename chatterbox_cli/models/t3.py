@@ -700,7 +700,7 @@ class LearnedPositions(nn.Module):
 
 @dataclass
 class T3Output:
-    text_logits: Tensor  # [rows, T_text, text_vocab]
+    text_logits: Tensor | None  # [rows, T_text, text_vocab]; None without a text head (drop_text_head)
     speech_logits: Tensor  # [rows, T_speech, speech_vocab]
     cond_emb: Tensor  # [rows, cond_len, hidden]
     hidden: Tensor = field(repr=False)  # [rows, cond_len + T_text + T_speech, hidden]
@@ -1020,7 +1020,7 @@ class T3(nn.Module):
         if config.segment_positions:
             self.text_pos_emb = LearnedPositions(config.text_positions, dim)
             self.speech_pos_emb = LearnedPositions(config.speech_positions, dim)
-        self.text_head = nn.Linear(dim, config.text_vocab_size, bias=False)
+        self.text_head: nn.Linear | None = nn.Linear(dim, config.text_vocab_size, bias=False)
         self.speech_head = nn.Linear(dim, config.speech_vocab_size, bias=config.speech_head_bias)
         # The checkpoint's layout where it differs from this module's (models/loading.py)
         self.stored_transposed = stored_transposed(config)
@@ -1034,6 +1034,13 @@ class T3(nn.Module):
         # that used them, and cuBLAS keeps a workspace per stream, so a new stream per batch left about
         # 20 MiB behind at every chunk (H100, benchmarks/small_card.py).
         self.warm_stream: torch.cuda.Stream | None = None
+
+    def drop_text_head(self) -> None:
+        """Leave text_head out before loading for synthesis: decoding never reads text logits (training
+        does), and Turbo's is 50,276 x 1,024 (103 MB at 16 bits). Its tensor stays in the file, unread."""
+        if self.text_head is not None:
+            self.stored_unused = {**self.stored_unused, TEXT_HEAD: tuple(self.text_head.weight.shape)}
+            self.text_head = None
 
     @property
     def device(self) -> torch.device:
@@ -1107,7 +1114,9 @@ class T3(nn.Module):
         hidden = self.tfmr(torch.cat((cond_emb, text, speech), dim=1))
         n_cond, n_text = cond_emb.shape[1], text.shape[1]
         return T3Output(
-            text_logits=self.text_head(hidden[:, n_cond : n_cond + n_text]),
+            text_logits=None
+            if self.text_head is None
+            else self.text_head(hidden[:, n_cond : n_cond + n_text]),
             speech_logits=self.speech_head(hidden[:, n_cond + n_text :]),
             cond_emb=cond_emb,
             hidden=hidden,
@@ -1316,6 +1325,7 @@ def _init_kind(name: str) -> str:
 # GPT-2 stores its Linear weights as Conv1D, [in, out]: the weights of these, in each block.
 _CONV1D_WEIGHTS = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 GPT2_TOKEN_EMBEDDING = "tfmr.wte.weight"  # stored, unused: T3 feeds embeddings
+TEXT_HEAD = "text_head.weight"  # stored, unused in synthesis (T3.drop_text_head)
 
 
 def stored_transposed(config: T3Config) -> frozenset[str]:

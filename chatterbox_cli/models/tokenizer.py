@@ -20,7 +20,7 @@ import torch
 from tokenizers import Tokenizer
 
 from chatterbox_cli.errors import CheckpointError, UsageError
-from chatterbox_cli.text import chars_in_vocab
+from chatterbox_cli.text import chars_in_vocab, chunk_text, normalize
 from chatterbox_cli.variants import TokenizerKind
 
 START = "[START]"
@@ -47,6 +47,10 @@ class TextTokenizer(Protocol):
     def encode_report(self, text: str) -> EncodedText: ...
 
     def speaks(self, char: str) -> bool: ...  # False: the character would become [UNK] or nothing
+
+    def normalize(self, chunk: str) -> str: ...  # the reference's clean-up, right before encoding
+
+    def chunk(self, text: str, max_tokens: int) -> list[str]: ...  # chunks of at most max_tokens ids
 
 
 class CheckpointTokenizer(Protocol):
@@ -107,6 +111,12 @@ class EnTokenizer:
 
     def speaks(self, char: str) -> bool:
         return self._in_vocab(char)  # a BPE over characters: those that are tokens on their own
+
+    def normalize(self, chunk: str) -> str:
+        return normalize(chunk)
+
+    def chunk(self, text: str, max_tokens: int) -> list[str]:
+        return chunk_text(text, max_tokens, count_tokens=lambda piece: len(self.encode(piece)))
 
     def _status(self, char: str) -> str:
         """'ok', 'unknown' or 'dropped' for one character (cached)."""

@@ -5,6 +5,10 @@ tokenizer.json (the real English vocabulary) and conds.pt (the built-in voice, o
 Multilingual (variants.MULTILINGUAL): t3_mtl23ls_v2.safetensors (text vocabulary 2,454), ve.pt and s3gen.pt
 (torch.save'd state dicts, as the official files are), a synthetic grapheme vocabulary covering one test
 sentence per language and a small Cangjie table (the official ones cannot be downloaded here), conds.pt.
+Turbo (variants.TURBO): t3_turbo_v1.safetensors (GPT-2 layout: Conv1D weights [in, out], the unused `wte`),
+s3gen_meanflow.safetensors (with the meanflow time mixer), ve.safetensors, GPT-2 tokenizer files (the real
+GPT-2 vocabulary cut to its first 8,000 merges, the official tags; testing/data/turbo) and conds.pt with
+Turbo's 375-token speech prompt (30 at the tiny size).
 
 Each model module provides `random_state_dict(config, seed)`; this writer only calls them. Tensors are
 streamed to disk: the safetensors header is written from the shapes first and T3 tensors are generated
@@ -27,7 +31,7 @@ from torch import Tensor
 from chatterbox_cli.checkpoint import SAFETENSORS_DTYPE_NAMES
 from chatterbox_cli.models import t3 as t3_module
 from chatterbox_cli.models.t3 import T3Config
-from chatterbox_cli.variants import MULTILINGUAL, get_variant
+from chatterbox_cli.variants import MULTILINGUAL, TURBO, Variant, get_variant
 
 Size = Literal["tiny", "full"]
 
@@ -38,12 +42,21 @@ MTL_TOKENIZER_JSON = DATA / "mtl_vocab.json"
 MTL_CANGJIE_JSON = DATA / "mtl_cangjie.json"
 
 
-def t3_config_for(size: Size) -> T3Config:
-    if size == "tiny":
-        return T3Config.tiny()
-    if size == "full":
-        return T3Config.english()
-    raise ValueError(f"unknown checkpoint size {size!r}; use 'tiny' or 'full'")
+def t3_config_for(size: Size, variant: Variant | None = None) -> T3Config:
+    if size not in ("tiny", "full"):
+        raise ValueError(f"unknown checkpoint size {size!r}; use 'tiny' or 'full'")
+    if variant is TURBO:
+        if size == "full":
+            return T3Config.turbo()
+        from chatterbox_cli.models.gpt2_tokenizer import TEST_TOKENIZER_DIR, open_gpt2_tokenizer
+
+        # the tiny text table covers the test tokenizer's ids (8,276 rows instead of 50,276)
+        vocab = open_gpt2_tokenizer(TEST_TOKENIZER_DIR).vocab_size
+        return replace(T3Config.tiny_turbo(), text_vocab_size=vocab)
+    config = T3Config.tiny() if size == "tiny" else T3Config.english()
+    if variant is MULTILINGUAL:
+        config = replace(config, text_vocab_size=T3Config.multilingual().text_vocab_size)
+    return config
 
 
 def write_safetensors_streaming(
@@ -150,13 +163,12 @@ def write_random_checkpoint(
     v = get_variant(variant)
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = t3_config_for(size)
-    if v is MULTILINGUAL:
-        config = replace(config, text_vocab_size=T3Config.multilingual().text_vocab_size)
+    config = t3_config_for(size, v)
     write_t3(folder / v.file("t3"), config, seed)
+    s3gen_config = "MeanflowS3GenConfig" if v is TURBO else "S3GenConfig"
     for role, module_name, config_name in (
         ("ve", "chatterbox_cli.models.voice_encoder", "VoiceEncoderConfig"),
-        ("s3gen", "chatterbox_cli.models.s3gen", "S3GenConfig"),
+        ("s3gen", "chatterbox_cli.models.s3gen", s3gen_config),
     ):
         state = _optional_state_dict(module_name, config_name, size, seed)
         if state is None:
@@ -170,9 +182,14 @@ def write_random_checkpoint(
     if v is MULTILINGUAL:
         shutil.copyfile(MTL_TOKENIZER_JSON, folder / v.file("tokenizer"))
         shutil.copyfile(MTL_CANGJIE_JSON, folder / "Cangjie5_TC.json")
+    elif v is TURBO:
+        from chatterbox_cli.models.gpt2_tokenizer import TEST_TOKENIZER_DIR, TOKENIZER_FILES
+
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(TEST_TOKENIZER_DIR / name, folder / name)
     else:
         shutil.copyfile(TOKENIZER_JSON, folder / v.file("tokenizer"))
-    torch.save(random_conds(seed), folder / v.file("conds"))
+    torch.save(random_conds(seed, prompt_tokens=config.speech_cond_prompt_len), folder / v.file("conds"))
     return folder
 
 
