@@ -177,14 +177,14 @@ def t3_shape(header: Mapping[str, TensorInfo]) -> T3Shape:
 
 
 def t3_as_loaded(header: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
-    """The T3 header as the service loads its tensors: weights stored transposed (GPT-2's Conv1D) in
-    nn.Linear's [out, in], tensors that are never loaded left out (models/loading.py; the text head,
-    T3.drop_text_head)."""
+    """The T3 header as the service puts its tensors on the GPU: weights stored transposed (GPT-2's Conv1D)
+    in nn.Linear's [out, in], tensors never loaded (models/loading.py; the text head, T3.drop_text_head)
+    or kept in host memory (the text embedding, T3.keep_text_table_on_host) left out."""
     from chatterbox_cli.models.loading import infer_t3_config
-    from chatterbox_cli.models.t3 import TEXT_HEAD, stored_transposed, stored_unused
+    from chatterbox_cli.models.t3 import TEXT_HEAD, TEXT_TABLE, stored_transposed, stored_unused
 
     config = infer_t3_config(dict(header))
-    flipped, unused = stored_transposed(config), {*stored_unused(config), TEXT_HEAD}
+    flipped, unused = stored_transposed(config), {*stored_unused(config), TEXT_HEAD, TEXT_TABLE}
     return {
         name: TensorInfo(info.dtype, info.shape[::-1]) if name in flipped else info
         for name, info in header.items()

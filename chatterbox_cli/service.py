@@ -309,16 +309,20 @@ def _load_t3(
     with torch.device("meta"):
         t3 = T3(config)
     t3.drop_text_head()
+    report, cache = None, None
     if plan is not None and plan["t3"].quantized:
         from chatterbox_cli.quant_cache import load_quantized_cached
 
         done = load_quantized_cached(
             t3, path, plan["t3"], decision.device, decision.dtype, use_cache=use_cache, notify=notify
         )
-        return t3, done.report, done.cache
-    t3 = load_module_from_safetensors(t3, path, decision.device, decision.dtype)
-    t3.tfmr.fuse_projections()
-    return t3, None, None
+        report, cache = done.report, done.cache
+    else:
+        t3 = load_module_from_safetensors(t3, path, decision.device, decision.dtype)
+        t3.tfmr.fuse_projections()
+    if decision.device.type == "cuda":
+        t3.keep_text_table_on_host()
+    return t3, report, cache
 
 
 def _load_s3gen(

@@ -79,13 +79,17 @@ def _bytes_of(storage: torch.UntypedStorage) -> Tensor:
     return torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage)
 
 
-def _pack(module: nn.Module, pin: bool) -> _Packed:
-    """Copy every storage that `module`'s weights live in into one host buffer (views into one storage,
-    such as fused projections or an int8 weight that its matmul state also holds, keep sharing it)."""
+def _pack(module: nn.Module, device: torch.device) -> _Packed:
+    """Copy every storage that `module`'s weights on `device` live in into one host buffer (views into one
+    storage, such as fused projections or an int8 weight that its matmul state also holds, keep sharing
+    it); pinned when `device` is a GPU."""
+    pin = device.type == "cuda"
     storages: dict[int, int] = {}
     originals: list[torch.UntypedStorage] = []
     slots = []
     for holder, name, tensor in weight_tensors(module):
+        if tensor.device.type != device.type:
+            continue  # kept in host memory on purpose (T3.keep_text_table_on_host)
         storage = tensor.untyped_storage()
         index = storages.setdefault(storage.data_ptr(), len(originals))
         if index == len(originals):
@@ -138,7 +142,7 @@ class Turns:
     def add(self, name: str, module: nn.Module) -> None:
         if self.arena is not None:
             raise RuntimeError("add every module before the first turn")
-        packed = _pack(module, pin=self.device.type == "cuda")
+        packed = _pack(module, self.device)
         _bind(packed, packed.host)  # the module's device tensors are freed here
         self.packed[name] = packed
 

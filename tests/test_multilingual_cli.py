@@ -104,8 +104,8 @@ def test_estimate_reads_the_multilingual_t3_from_its_header(
     mtl: Path, tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The multilingual T3 differs from English only in its text vocabulary (2,454 rows instead of 704, in
-    text_emb; text_head too, but synthesis never loads it): at 16 bits its weights are that many rows of
-    hidden x 2 bytes larger."""
+    text_emb and text_head), and neither is on the GPU in synthesis (the table stays in host memory, the
+    head is never loaded): `estimate` reads both headers to the same GPU weights."""
 
     def t3_bytes(*args: str) -> int:
         capsys.readouterr()
@@ -113,5 +113,5 @@ def test_estimate_reads_the_multilingual_t3_from_its_header(
         return json.loads(capsys.readouterr().out)["presets"]["fp16"]["components"]["t3"]["weights_bytes"]
 
     english, multilingual = t3_bytes("--model", tiny_checkpoint), t3_bytes("--model", str(mtl))
-    assert multilingual - english == (2454 - 704) * T3Config.tiny().hidden_size * 2
+    assert multilingual == english > 0
     assert t3_bytes("--model", str(mtl), "--variant", "multilingual") == multilingual
