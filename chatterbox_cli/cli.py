@@ -605,6 +605,85 @@ def _print_estimate(report: Any, rich: bool) -> None:
     typer.echo(verdict)
 
 
+# --------------------------------------------------------------------------------------------------
+# voices
+
+voices_app = typer.Typer(
+    help="The voice library: prepared voices kept under a name, for --voice NAME.", no_args_is_help=True
+)
+app.add_typer(voices_app, name="voices")
+
+
+@voices_app.command("add")
+def voices_add(
+    name: Annotated[str, typer.Argument(help="The voice's name: letters, digits, - and _.")],
+    clip: Annotated[str, typer.Argument(help="An audio clip of the voice (any format libsndfile reads).")],
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    variant: Annotated[
+        Literal["english", "multilingual", "turbo"] | None,
+        typer.Option(help="Model variant that prepares it. Default: as for synthesize.", show_default=False),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a voice of that name.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Prepare a clip with the model, as `synthesize --voice clip` does, and keep it as NAME."""
+    with json_errors(json_out):
+        from chatterbox_cli.service import LoadRequest, add_library_voice
+
+        request = LoadRequest(
+            model=model, revision=revision, device=device, variant=variant, allow_download=not offline
+        )
+        notify = (lambda _: None) if json_out else (lambda message: typer.echo(message, err=True))
+        path = add_library_voice(request, name, clip, force, notify)
+    if json_out:
+        emit_json({"schema_version": 1, "name": name, "path": str(path)})
+    else:
+        typer.echo(f"added {name}: {path}")
+
+
+@voices_app.command("list")
+def voices_list(
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """The library's voices, with the clip and the model variant each was prepared from."""
+    from chatterbox_cli import voice_library
+
+    found = voice_library.entries()
+    if json_out:
+        rows = [{"name": e.name, "path": str(e.path), **e.metadata} for e in found]
+        emit_json({"schema_version": 1, "library": str(voice_library.library_dir()), "voices": rows})
+        return
+    if not found:
+        typer.echo(
+            f"no voices in {voice_library.library_dir()}; add one with `chatterbox voices add NAME clip.wav`"
+        )
+    for e in found:
+        meta = e.metadata
+        what = meta.get("problem") or f"from {meta.get('source_name', '?')} ({meta.get('variant', '?')})"
+        typer.echo(f"{e.name}  {what}")
+
+
+@voices_app.command("remove")
+def voices_remove(
+    name: Annotated[str, typer.Argument(help="The voice to remove.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Delete a voice from the library."""
+    with json_errors(json_out):
+        from chatterbox_cli import voice_library
+
+        path = voice_library.remove(name)
+    if json_out:
+        emit_json({"schema_version": 1, "removed": name, "path": str(path)})
+    else:
+        typer.echo(f"removed {name}: {path}")
+
+
 def _exit_code(code: object) -> int:
     if code is None:
         return 0

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 from rich.markup import escape
 
-from chatterbox_cli import __version__
+from chatterbox_cli import __version__, voice_library
 from chatterbox_cli.audio import StreamingWavWriter, Subtype, join_pause
 from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, pending, settings_hash
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
@@ -160,7 +160,10 @@ def _check_options(job: SynthesizeJob) -> None:
             "pipe it (| play -) or redirect it (> out.wav)"
         )
     if job.voice is not None and not Path(job.voice).is_file():
-        raise UsageError(f"{job.voice} does not exist; check the path given to --voice")
+        if voice_library.is_name(job.voice):
+            voice_library.find(job.voice)  # a library voice, or an error naming the library's
+        else:
+            raise UsageError(f"{job.voice} does not exist; check the path given to --voice")
 
 
 def _check_output_file(path: str) -> None:

@@ -414,9 +414,11 @@ def voice(
     device: torch.device | None = None,
 ) -> Conditionals:
     """Conditionals for `source`, on the CPU in fp32 (the pipeline moves them to the model): None → the
-    checkpoint's built-in voice; `*.voice` → a saved voice file; anything else → an audio clip, prepared
-    once (on `device`, default the model's) and cached by content. Voice-preparation parts are loaded for
-    the clip and freed right after."""
+    checkpoint's built-in voice; `*.voice` → a saved voice file; a name that is no file → the voice
+    library's (voice_library.py); anything else → an audio clip, prepared once (on `device`, default the
+    model's) and cached by content. Voice-preparation parts are loaded for the clip and freed right
+    after."""
+    from chatterbox_cli import voice_library
     from chatterbox_cli.models.conds import Conditionals, T3Cond, load_voice
 
     if source is None:
@@ -427,11 +429,43 @@ def voice(
         conds = model.builtin_voice
     elif source.endswith(".voice"):
         conds, _ = load_voice(Path(source))
+    elif voice_library.is_name(source) and not Path(source).exists():
+        conds, _ = load_voice(voice_library.find(source))
     else:
         conds = _voice_from_clip(model, Path(source), exaggeration, notify, device or model.device)
     emotion = torch.full_like(conds.t3.emotion_adv, float(exaggeration))
     conds = Conditionals(T3Cond(conds.t3.speaker_emb, conds.t3.cond_prompt_speech_tokens, emotion), conds.gen)
     return conds.to("cpu", torch.float32)
+
+
+def add_library_voice(
+    request: LoadRequest, name: str, clip: str, force: bool, notify: Notify = _quiet
+) -> Path:
+    """Prepare `clip` with the model `request` names, as `synthesize --voice clip` would, and keep it in the
+    voice library as `name`; returns its file."""
+    from chatterbox_cli import __version__, voice_library
+    from chatterbox_cli.models.conds import save_voice
+
+    path = voice_library.path_of(name)
+    if path.exists() and not force:
+        raise UsageError(f"the voice library already has {name!r} ({path}); pass --force to replace it")
+    holder = ModelHolder(request, notify)
+    conds = holder.voice(clip, 0.5)  # the run's exaggeration replaces it when the voice is used
+    model = holder.model
+    metadata = {
+        "name": name,
+        "source_name": Path(clip).name,
+        "model": _model_key(model.checkpoint),
+        "variant": model.variant.name,
+        "created_by": f"chatterbox-cli {__version__}",
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return save_voice(path, conds, metadata)
+    except OSError as e:
+        raise ChatterboxError(
+            f"could not write {path}: {e.strerror or e}; check the folder (CHATTERBOX_VOICES)"
+        ) from e
 
 
 def _voice_from_clip(
