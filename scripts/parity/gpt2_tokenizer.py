@@ -34,29 +34,8 @@ OUT_DIR = ROOT / "chatterbox_cli" / "testing" / "data" / "turbo"
 FIXTURE = ROOT / "tests" / "fixtures" / "parity_gpt2_tokenizer.json"
 MERGES = 8000
 EOS = "<|endoftext|>"
-# ResembleAI/chatterbox-turbo added_tokens.json, in id order (50257 .. 50275 there).
-TAGS = (
-    "[angry]",
-    "[fear]",
-    "[surprised]",
-    "[whispering]",
-    "[advertisement]",
-    "[dramatic]",
-    "[narration]",
-    "[crying]",
-    "[happy]",
-    "[sarcastic]",
-    "[clear throat]",
-    "[sigh]",
-    "[shush]",
-    "[cough]",
-    "[groan]",
-    "[sniff]",
-    "[gasp]",
-    "[chuckle]",
-    "[laugh]",
-)
-
+sys.path.insert(0, str(ROOT))
+from chatterbox_cli.text import TURBO_TAGS as TAGS  # noqa: E402  (ids 50257 .. 50275 in the official files)
 
 # --------------------------------------------------------------------------------------------------
 # files
@@ -212,7 +191,6 @@ TEXTS = [
 
 
 def make_fixture(folder: Path) -> None:
-    sys.path.insert(0, str(ROOT))
     from chatterbox.tts_turbo import punc_norm
     from transformers import AutoTokenizer
 
