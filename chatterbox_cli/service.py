@@ -63,7 +63,7 @@ class LoadRequest:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     preset: str = "auto"  # auto | fp16 | bnb-8bit | bnb-4bit
     plan: str | None = None  # per-component overrides, e.g. "t3=nf4,flow=int8"
-    variant: str | None = None  # english | multilingual; None: what a local folder holds, else English
+    variant: str | None = None  # english | multilingual | turbo; None: a local folder's, else English
     max_tokens: int = 1000
     batch: int = 1  # chunks decoded together; 0: as many as free GPU memory allows (AUTO_BATCH_LIMIT)
     cfg_weight: float | None = None  # None: the variant's (English 0.5; Turbo has no guidance)
@@ -449,6 +449,8 @@ def add_library_voice(
     path = voice_library.path_of(name)
     if path.exists() and not force:
         raise UsageError(f"the voice library already has {name!r} ({path}); pass --force to replace it")
+    if not Path(clip).is_file():
+        raise UsageError(f"{clip} does not exist; give the path of an audio clip of the voice")
     holder = ModelHolder(request, notify)
     conds = holder.voice(clip, 0.5)  # the run's exaggeration replaces it when the voice is used
     model = holder.model
