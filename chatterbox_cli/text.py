@@ -116,16 +116,8 @@ def _punc_norm(text: str, rewrites: tuple[tuple[str, str], ...], endings: tuple[
 
 
 # Chatterbox Turbo's (tts_turbo.py punc_norm): English's without the "...", " - " and ";" rules.
-_TURBO_PUNCTUATION_REWRITES: tuple[tuple[str, str], ...] = (
-    ("\u2026", ", "),
-    (":", ","),
-    ("\u2014", "-"),
-    ("\u2013", "-"),
-    (" ,", ","),
-    ("\u201c", '"'),
-    ("\u201d", '"'),
-    ("\u2018", "'"),
-    ("\u2019", "'"),
+_TURBO_PUNCTUATION_REWRITES = tuple(
+    rule for rule in _PUNCTUATION_REWRITES if rule[0] not in ("...", " - ", ";")
 )
 # The tags of ResembleAI/chatterbox-turbo's added_tokens.json, in id order; each is one token.
 TURBO_TAGS: tuple[str, ...] = (

@@ -12,7 +12,7 @@ import pytest
 import torch
 from rounding import rounding_tolerance
 from safetensors.torch import load_file, save_file
-from test_s3gen import DECODER_REDUCTIONS, F0_REDUCTIONS, f0_drift
+from test_s3gen import assert_wav_matches
 from torch import nn
 
 from chatterbox_cli.errors import CheckpointError
@@ -30,7 +30,6 @@ from chatterbox_cli.models.s3gen import (
 )
 from chatterbox_cli.models.s3gen.flow import Flow, FlowConfig
 from chatterbox_cli.models.s3gen.flow import random_state_dict as flow_random_state_dict
-from chatterbox_cli.models.s3gen.hifigan import draw_source_noise
 
 FIXTURE = Path(__file__).parent / "fixtures" / "parity_meanflow"
 # fp32 on both sides, op order differs. Sum of the reduction lengths (in_features, or in_channels x
@@ -98,21 +97,9 @@ def _parity(name: str) -> None:
     if steps == 2:  # Turbo's default: the same computation as an explicit 2
         assert torch.equal(mel_of(None), mel)
 
-    gen = torch.Generator().manual_seed(meta["noise_seed"])
-    wav = model.synthesize(tokens, cond, n_timesteps=steps, generator=gen)
-    ref_wav = t[f"{name}.wav"]
-    assert wav.shape == ref_wav.shape
-    # As in test_s3gen: the mel difference (and the F0 predictors' rounding) moves F0 by at most
-    # `shift`, which through the NSF phase is a drift bounded by a constant shift; the rest is rounding
-    # of the flow and the decoder.
-    gen = torch.Generator().manual_seed(meta["noise_seed"])
-    model.tokens_to_mel(tokens, cond, n_timesteps=steps, generator=gen)  # the draws synthesize made
-    noise = draw_source_noise(1, 9, wav.shape[-1], gen)
-    with torch.inference_mode():
-        f0, ref_f0 = model.mel2wav.predict_f0(mel), model.mel2wav.predict_f0(ref_mel)
-    shift = (f0 - ref_f0).abs().max().item() + rounding_tolerance(F0_REDUCTIONS[size]) * f0.abs().max().item()
-    rounding = rounding_tolerance(reductions + DECODER_REDUCTIONS[size]) * ref_wav.abs().max().item()
-    assert (wav - ref_wav).abs().max().item() <= f0_drift(model, mel, shift, noise) + rounding
+    assert_wav_matches(
+        model, tokens, cond, steps, meta["noise_seed"], mel, ref_mel, t[f"{name}.wav"], reductions, size
+    )
 
 
 @pytest.mark.parity

@@ -186,21 +186,48 @@ def _parity(name: str) -> None:
     size = meta[name]["config"]
     assert (mel - ref_mel).abs().max() <= rounding_tolerance(MEL_REDUCTIONS[size]) * ref_mel.abs().max()
 
-    gen = torch.Generator().manual_seed(meta["noise_seed"])
+    assert_wav_matches(
+        model,
+        tokens,
+        cond,
+        steps,
+        meta["noise_seed"],
+        mel,
+        ref_mel,
+        t[f"{name}.wav"],
+        MEL_REDUCTIONS[size],
+        size,
+    )
+
+
+def assert_wav_matches(
+    model: S3Gen,
+    tokens: torch.Tensor,
+    cond: GenCond,
+    steps: int,
+    noise_seed: int,
+    mel: torch.Tensor,
+    ref_mel: torch.Tensor,
+    ref_wav: torch.Tensor,
+    mel_reductions: int,
+    size: str,
+) -> None:
+    """Our waveform of `tokens` against the reference's, given both mels.
+
+    The reference's F0 differs from ours by what the mel difference moves (our F0 predictor on both
+    mels) plus the predictors' rounding; through the phase that is a drift, bounded by a constant F0
+    shift of that size. The rest is rounding of the flow and the decoder."""
+    gen = torch.Generator().manual_seed(noise_seed)
     wav = model.synthesize(tokens, cond, n_timesteps=steps, generator=gen)
-    ref_wav = t[f"{name}.wav"]
     assert wav.shape == ref_wav.shape
-    # The reference's F0 differs from ours by what the mel difference moves (our F0 predictor on both
-    # mels) plus the predictors' rounding; through the phase that is a drift, bounded by a constant F0
-    # shift of that size. The rest is rounding of the flow and the decoder.
-    gen = torch.Generator().manual_seed(meta["noise_seed"])
+    gen = torch.Generator().manual_seed(noise_seed)
     model.tokens_to_mel(tokens, cond, n_timesteps=steps, generator=gen)  # the draws synthesize made
     noise = draw_source_noise(1, 9, wav.shape[-1], gen)
     with torch.inference_mode():
         f0, ref_f0 = model.mel2wav.predict_f0(mel), model.mel2wav.predict_f0(ref_mel)
     shift = (f0 - ref_f0).abs().max().item() + rounding_tolerance(F0_REDUCTIONS[size]) * f0.abs().max().item()
-    rounding = rounding_tolerance(MEL_REDUCTIONS[size] + DECODER_REDUCTIONS[size]) * ref_wav.abs().max()
-    assert (wav - ref_wav).abs().max() <= f0_drift(model, mel, shift, noise) + rounding
+    rounding = rounding_tolerance(mel_reductions + DECODER_REDUCTIONS[size]) * ref_wav.abs().max().item()
+    assert (wav - ref_wav).abs().max().item() <= f0_drift(model, mel, shift, noise) + rounding
 
 
 def test_tokens_to_waveform_matches_reference_tiny() -> None:
