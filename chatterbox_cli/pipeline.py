@@ -263,6 +263,16 @@ def batch_groups(n: int, batch_size: int) -> list[range]:
     return groups
 
 
+@dataclass(frozen=True)
+class ChunkRow:
+    """One chunk in a decoding group: its text, its index in its own run, and that run's seed (its tokens
+    and noise are seeded from these two alone, so rows of different runs can share a group)."""
+
+    text: str
+    index: int
+    seed: int
+
+
 def synthesize(
     model: SpeechModel,
     chunks: Sequence[str],
@@ -276,22 +286,45 @@ def synthesize(
 ) -> Iterator[AudioChunk]:
     """Yield one AudioChunk per chunk, in order, each as soon as its group is made.
 
-    Chunks are decoded by T3 in groups of `batch_size` (see batch_groups); on CUDA, S3Gen renders each
-    group in one batched call. Each chunk samples from its
-    own generator, seeded from the run's seed and the chunk's index alone, so a chunk's audio does not
-    depend on the batch size, and a run that resumes at chunk k (`first_index=k`, after an interruption
-    or an out-of-memory step-down) makes the same audio for k, k+1, ... as an unbroken run.
+    Chunks are decoded by T3 in groups of `batch_size` (see batch_groups and speak_group). Each chunk
+    samples from its own generator, seeded from the run's seed and the chunk's index alone, so a chunk's
+    audio does not depend on the batch size, and a run that resumes at chunk k (`first_index=k`, after an
+    interruption or an out-of-memory step-down) makes the same audio for k, k+1, ... as an unbroken run.
     `settings.seed` None draws one random seed for this call; pass `settings.with_seed()` to reproduce
-    or to resume. A chunk for which T3 produces no speech tokens becomes `pause_seconds` of silence.
-    `fixed_length` (benchmarks: random weights never say stop) makes T3 decode exactly
-    fixed_length(chunk) tokens per chunk, ignoring the stop token.
-
-    `early_tokens` > 0 (only chunk 0 of a run): once T3 has `early_tokens` speech tokens of the first
-    chunk, they are rendered and yielded as an early piece (`final` False) while T3 goes on; the piece
-    with the rest of the chunk follows. S3Gen draws its noise from a generator of its own per chunk, so
-    the rest is the same audio as without the early piece.
+    or to resume. `early_tokens` > 0 renders an early piece of chunk 0 (see speak_group).
     """
-    settings = settings.with_seed().for_variant(model.variant)
+    settings = settings.with_seed()
+    assert settings.seed is not None
+    for group in batch_groups(len(chunks), batch_size):
+        rows = [ChunkRow(chunks[i], first_index + i, settings.seed) for i in group]
+        for _, chunk in speak_group(
+            model, rows, conds, settings, fixed_length=fixed_length, early_tokens=early_tokens
+        ):
+            yield chunk
+
+
+def speak_group(
+    model: SpeechModel,
+    rows: Sequence[ChunkRow],
+    conds: Conditionals,
+    settings: SynthesisSettings,
+    *,
+    fixed_length: Callable[[str], int] | None = None,
+    early_tokens: int = 0,
+) -> Iterator[tuple[int, AudioChunk]]:
+    """Decode `rows` together in one T3 batch, all in one voice and with one set of settings (their seeds
+    aside: each row has its own), and yield (row position, AudioChunk) as audio is made.
+
+    On CUDA, S3Gen renders the group in one batched call. A chunk for which T3 produces no speech tokens
+    becomes `pause_seconds` of silence. `fixed_length` (benchmarks: random weights never say stop) makes
+    T3 decode exactly fixed_length(chunk) tokens per chunk, ignoring the stop token.
+
+    `early_tokens` > 0: once T3 has `early_tokens` speech tokens of every row that is a run's chunk 0,
+    those rows' first tokens are rendered and yielded as early pieces (`final` False) while T3 goes on;
+    the piece with the rest of the chunk follows. S3Gen draws its noise from a generator of its own per
+    chunk, so the rest is the same audio as without the early piece.
+    """
+    settings = settings.for_variant(model.variant)
     t3, s3gen, device = model.t3, model.s3gen, model.device
     limit = t3.config.speech_positions - 1
     if settings.max_tokens > limit:
@@ -303,104 +336,137 @@ def synthesize(
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
     gen_cond = conds.gen.to(device, model.flow_dtype)
 
-    def s3gen_generator(index: int) -> torch.Generator:  # S3Gen's noise, apart from T3's sampling
-        return torch.Generator(device=device).manual_seed(derive_seed(settings.seed, "s3gen", index))
+    def s3gen_generator(row: ChunkRow) -> torch.Generator:  # S3Gen's noise, apart from T3's sampling
+        return torch.Generator(device=device).manual_seed(derive_seed(row.seed, "s3gen", row.index))
 
-    for group in batch_groups(len(chunks), batch_size):
-        indices = [first_index + i for i in group]
-        texts = [chunks[i] for i in group]
-        prepared = [text_tokens(tokenizer, chunks[i], first_index + i, t3.config) for i in group]
-        model.use("t3")  # its turn on the GPU, when T3 and S3Gen take turns (service.LoadedModel.use)
-        seeds = [derive_seed(settings.seed, "chunk", index) for index in indices]
-        generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
-        started = time.perf_counter()
-        decoding = t3.start_batch(
-            [tokens for tokens, _ in prepared],
-            t3_cond,
-            max_new_tokens=[fixed_length(c) for c in texts] if fixed_length else settings.max_tokens,
-            cfg_weight=settings.cfg_weight,
-            sampling=sampling,
-            generators=generators,
-            ignore_stop=fixed_length is not None,
-        )
-        early: tuple[np.ndarray, int] | None = None  # the early piece's held-back tail, and where it ends
-        if early_tokens > 0 and indices == [0]:
-            # exactly early_tokens speech tokens (ids past the codebook are dropped, so a few more steps
-            # may be needed): the early rendering then always has the same shapes (see service.warm_up)
-            prefix = torch.zeros(0, dtype=torch.long)
-            while not decoding.finished and prefix.numel() < early_tokens:
-                decoding.run(until=decoding.steps + early_tokens - prefix.numel())
-                prefix = decoding.tokens(0)
-                prefix = prefix[prefix < S3_CODEBOOK_SIZE]
-            prefix = prefix[:early_tokens]
-            if not decoding.finished and prefix.numel() > EARLY_LOOKAHEAD:
-                t3_early_s = time.perf_counter() - started
-                # Taking turns, S3Gen has a turn of its own for the early piece while the chunk's KV cache
-                # waits on the GPU; T3's captured steps replay when T3 is back (its weights never move).
-                model.use("s3gen")
-                wav = s3gen.synthesize(
-                    prefix[None],
+    texts = [row.text for row in rows]
+    prepared = [text_tokens(tokenizer, row.text, row.index, t3.config) for row in rows]
+    model.use("t3")  # its turn on the GPU, when T3 and S3Gen take turns (service.LoadedModel.use)
+    seeds = [derive_seed(row.seed, "chunk", row.index) for row in rows]
+    generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+    started = time.perf_counter()
+    decoding = t3.start_batch(
+        [tokens for tokens, _ in prepared],
+        t3_cond,
+        max_new_tokens=[fixed_length(c) for c in texts] if fixed_length else settings.max_tokens,
+        cfg_weight=settings.cfg_weight,
+        sampling=sampling,
+        generators=generators,
+        ignore_stop=fixed_length is not None,
+    )
+    # each early row's held-back tail, and where its early piece ends
+    early: dict[int, tuple[np.ndarray, int]] = {}
+    firsts = [j for j, row in enumerate(rows) if row.index == 0] if early_tokens > 0 else []
+    prefixes: dict[int, torch.Tensor] = {}
+    pending = list(firsts)
+    # exactly early_tokens speech tokens per row (ids past the codebook are dropped, so a few more steps
+    # may be needed): the early rendering then always has the same shapes (see service.warm_up)
+    while pending and not decoding.finished:
+        missing = min(early_tokens - len(prefixes.get(j, ())) for j in pending)
+        decoding.run(until=decoding.steps + missing)
+        for j in pending:
+            tokens = decoding.tokens(j)
+            prefixes[j] = tokens[tokens < S3_CODEBOOK_SIZE][:early_tokens]
+        pending = [j for j in pending if j not in decoding.done and len(prefixes[j]) < early_tokens]
+    # a row that finished first is rendered whole, soon
+    ready = [j for j in firsts if j not in decoding.done and len(prefixes.get(j, ())) == early_tokens]
+    if early_tokens <= EARLY_LOOKAHEAD:
+        ready = []
+    if ready:
+        t3_early_s = time.perf_counter() - started
+        # Taking turns, S3Gen has a turn of its own for the early pieces while the KV cache waits on the
+        # GPU; T3's captured steps replay when T3 is back (its weights never move).
+        model.use("s3gen")
+        if len(ready) == 1:  # every run's early piece has this shape (see service.warm_up): keep its graph
+            wavs = [
+                s3gen.synthesize(
+                    prefixes[ready[0]][None],
                     gen_cond,
                     n_timesteps=settings.flow_steps,
-                    generator=s3gen_generator(0),
-                    keep_graph=True,  # every run's early piece has this shape (see service.warm_up)
+                    generator=s3gen_generator(rows[ready[0]]),
+                    keep_graph=True,
                 )[0]
-                end = (prefix.numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token
-                audio = wav[:end].detach().to("cpu", torch.float32).numpy()
-                hold = min(round(SAMPLE_RATE * CROSSFADE_MS / 1000), end // 2)
-                piece = fade_edges(audio[: end - hold], SAMPLE_RATE, end=False)
-                early = (audio[end - hold :], end)
-                s3gen_early_s = time.perf_counter() - started - t3_early_s
-                yield AudioChunk(
-                    0, texts[0], piece, SAMPLE_RATE, 0, [], seeds[0], t3_early_s, s3gen_early_s, final=False
-                )
-                started = time.perf_counter()
-                model.use("t3")
-        decoding.run()
-        speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
-        del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)
-        counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
-        # the variant's trailing silence (Turbo: three of S3Gen's silence tokens) ends each voiced chunk
-        speech = [torch.cat((s, silence)) if n else s for s, n in zip(speech, counts, strict=True)]
-        t3_s = (time.perf_counter() - started) / len(group)
-
-        started = time.perf_counter()
-        model.use("s3gen")
-        voiced = [j for j, n in enumerate(counts) if n > 0]
-        if device.type == "cuda" and len(voiced) > 1:
-            # One padded flow call for the group (on the CPU row by row is faster: no padding work).
-            rows = s3gen.synthesize_rows(
-                [speech[j] for j in voiced],
+            ]
+        else:
+            wavs = s3gen.synthesize_rows(
+                [prefixes[j] for j in ready],
                 gen_cond,
-                [s3gen_generator(indices[j]) for j in voiced],
+                [s3gen_generator(rows[j]) for j in ready],
                 n_timesteps=settings.flow_steps,
             )
-            waves = dict(zip(voiced, rows, strict=True))
-        else:
-            waves = {}
-        group_s3gen_s = time.perf_counter() - started
+        s3gen_early_s = (time.perf_counter() - started - t3_early_s) / len(ready)
+        for j, wav in zip(ready, wavs, strict=True):
+            end = (prefixes[j].numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token
+            audio = wav[:end].detach().to("cpu", torch.float32).numpy()
+            hold = min(round(SAMPLE_RATE * CROSSFADE_MS / 1000), end // 2)
+            piece = fade_edges(audio[: end - hold], SAMPLE_RATE, end=False)
+            early[j] = (audio[end - hold :], end)
+            yield (
+                j,
+                AudioChunk(
+                    rows[j].index,
+                    texts[j],
+                    piece,
+                    SAMPLE_RATE,
+                    0,
+                    [],
+                    seeds[j],
+                    t3_early_s,
+                    s3gen_early_s,
+                    False,
+                ),
+            )
+        started = time.perf_counter()
+        model.use("t3")
+    decoding.run()
+    speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
+    del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)
+    counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
+    # the variant's trailing silence (Turbo: three of S3Gen's silence tokens) ends each voiced chunk
+    speech = [torch.cat((s, silence)) if n else s for s, n in zip(speech, counts, strict=True)]
+    t3_s = (time.perf_counter() - started) / len(rows)
 
-        for j, index in enumerate(indices):
-            started = time.perf_counter()
-            if counts[j] == 0:
-                audio = join_pause(SAMPLE_RATE, settings.pause_seconds)
+    started = time.perf_counter()
+    model.use("s3gen")
+    voiced = [j for j, n in enumerate(counts) if n > 0]
+    if device.type == "cuda" and len(voiced) > 1:
+        # One padded flow call for the group (on the CPU row by row is faster: no padding work).
+        waves = s3gen.synthesize_rows(
+            [speech[j] for j in voiced],
+            gen_cond,
+            [s3gen_generator(rows[j]) for j in voiced],
+            n_timesteps=settings.flow_steps,
+        )
+        rendered = dict(zip(voiced, waves, strict=True))
+    else:
+        rendered = {}
+    group_s3gen_s = time.perf_counter() - started
+
+    for j, row in enumerate(rows):
+        started = time.perf_counter()
+        if counts[j] == 0:
+            audio = join_pause(SAMPLE_RATE, settings.pause_seconds)
+        else:
+            if j in rendered:
+                wav = rendered[j]
             else:
-                if j in waves:
-                    wav = waves[j]
-                else:
-                    wav = s3gen.synthesize(
-                        speech[j][None],
-                        gen_cond,
-                        n_timesteps=settings.flow_steps,
-                        generator=s3gen_generator(index),
-                    )[0]
-                audio = wav.detach().to("cpu", torch.float32).numpy()
-                if early is not None:  # the rest of chunk 0 after its early piece, crossfaded in
-                    held, end = early
-                    audio = np.concatenate([crossfade(held, audio[end - len(held) : end]), audio[end:]])
-                    audio = fade_edges(audio, SAMPLE_RATE, start=False)
-                else:
-                    audio = fade_edges(audio, SAMPLE_RATE)
-            s3gen_s = time.perf_counter() - started + group_s3gen_s / len(group)
-            dropped = prepared[j][1]
-            yield AudioChunk(index, texts[j], audio, SAMPLE_RATE, counts[j], dropped, seeds[j], t3_s, s3gen_s)
+                wav = s3gen.synthesize(
+                    speech[j][None],
+                    gen_cond,
+                    n_timesteps=settings.flow_steps,
+                    generator=s3gen_generator(row),
+                )[0]
+            audio = wav.detach().to("cpu", torch.float32).numpy()
+            if j in early:  # the rest of the chunk after its early piece, crossfaded in
+                held, end = early[j]
+                audio = np.concatenate([crossfade(held, audio[end - len(held) : end]), audio[end:]])
+                audio = fade_edges(audio, SAMPLE_RATE, start=False)
+            else:
+                audio = fade_edges(audio, SAMPLE_RATE)
+        s3gen_s = time.perf_counter() - started + group_s3gen_s / len(rows)
+        yield (
+            j,
+            AudioChunk(
+                row.index, texts[j], audio, SAMPLE_RATE, counts[j], prepared[j][1], seeds[j], t3_s, s3gen_s
+            ),
+        )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -246,3 +247,34 @@ def test_early_piece_then_the_rest_of_the_first_chunk(loaded: service.LoadedMode
     twelve = {SENTENCES[0]: 12}.get
     short = pipeline.synthesize(loaded, SENTENCES[:1], conds, settings, fixed_length=twelve, early_tokens=16)
     assert [c.final for c in short] == [True]
+
+
+def test_rows_of_different_runs_share_a_group(loaded: service.LoadedModel, conds) -> None:  # noqa: ANN001
+    """speak_group decodes chunks of several runs together (the server's batching): each row is seeded by
+    its own run's seed and index, so it gets the audio its run makes alone, early pieces included (two
+    runs' first chunks render their early pieces in one call)."""
+    settings = SynthesisSettings(**FAST)
+    length = {SENTENCES[0]: 40, SENTENCES[1]: 30, SENTENCES[2]: 36}.get
+    early = {"fixed_length": length, "early_tokens": 16}
+    alone = list(pipeline.synthesize(loaded, SENTENCES[:1], conds, replace(settings, seed=11), **early))
+    other = list(
+        pipeline.synthesize(loaded, SENTENCES[1:], conds, replace(settings, seed=12), fixed_length=length)
+    )
+    third = list(pipeline.synthesize(loaded, SENTENCES[2:], conds, replace(settings, seed=13), **early))
+    rows = [
+        pipeline.ChunkRow(SENTENCES[0], 0, 11),
+        pipeline.ChunkRow(SENTENCES[2], 1, 12),  # run 12's second chunk
+        pipeline.ChunkRow(SENTENCES[2], 0, 13),
+    ]
+    got = list(pipeline.speak_group(loaded, rows, conds, settings, fixed_length=length, early_tokens=16))
+    assert [(j, c.index, c.final) for j, c in got] == [
+        (0, 0, False),
+        (2, 0, False),
+        (0, 0, True),
+        (1, 1, True),
+        (2, 0, True),
+    ]
+    expected = [alone[0], third[0], alone[1], other[1], third[1]]
+    for (_, chunk), want in zip(got, expected, strict=True):
+        assert (chunk.seed, chunk.speech_tokens, chunk.final) == (want.seed, want.speech_tokens, want.final)
+        np.testing.assert_allclose(chunk.audio, want.audio, atol=1e-5)
