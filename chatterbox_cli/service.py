@@ -12,7 +12,7 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from chatterbox_cli.models.s3gen import S3Gen
     from chatterbox_cli.models.t3 import T3
     from chatterbox_cli.models.tokenizer import CheckpointTokenizer
-    from chatterbox_cli.pipeline import AudioChunk, SynthesisSettings
+    from chatterbox_cli.pipeline import AudioChunk, ChunkRow, SynthesisSettings
     from chatterbox_cli.quantize import QuantReport
 
 Notify = Callable[[str], None]
@@ -649,6 +649,7 @@ class ModelHolder:
         self.voice_device: torch.device | None = None  # where clips are prepared; None: the model's device
         self.batch_cap: int | None = None  # the largest batch that may run, after one ran out of memory
         self.step_downs: list[str] = []  # what each step-down did, in order
+        self._batch_said = ""  # the batch size's reason, said once until it changes
 
     @property
     def model(self) -> LoadedModel:
@@ -737,40 +738,64 @@ class ModelHolder:
     def speak(
         self, chunks: list[str], conds: Conditionals, settings: SynthesisSettings
     ) -> Iterator[AudioChunk]:
-        """Audio for each chunk, in order, as it is made. On CUDA out-of-memory a batch of chunks is halved
-        first, then the holder steps down (see the class); either way synthesis goes on from the chunk that
-        failed, with the same seeds, and samples of it already yielded (an early piece) are not repeated."""
+        """Audio for each chunk of one run, in order, as it is made: the first chunk alone (its early piece
+        comes soonest), then groups as large as `group_size` allows, each through `speak_rows`."""
+        from chatterbox_cli.pipeline import ChunkRow
+
+        settings = settings.with_seed()
+        assert settings.seed is not None
+        done = 0
+        while done < len(chunks):
+            size, why = self.group_size(len(chunks) - done) if done else (1, "")
+            if size > 1 and why != self._batch_said:
+                self._batch_said = why
+                self.notify(why)
+            rows = [ChunkRow(chunks[i], i, settings.seed) for i in range(done, min(done + size, len(chunks)))]
+            for _, chunk in self.speak_rows(rows, conds, settings):
+                if chunk.final:
+                    done += 1
+                yield chunk
+                if chunk.final and self._model is not None:
+                    trace_memory(self._model, done)
+
+    def group_size(self, wanted: int) -> tuple[int, str]:
+        """How many chunks may decode together now (service.batch_size, under the cap an out-of-memory
+        left), at most `wanted` (at least 1), and why."""
+        size, why = batch_size(self.model, self.request, wanted + 1)
+        if self.batch_cap is not None and size > self.batch_cap:
+            size, why = self.batch_cap, f"batch {self.batch_cap} after running out of memory"
+        return max(1, min(size, wanted)), why
+
+    def speak_rows(
+        self, rows: Sequence[ChunkRow], conds: Conditionals, settings: SynthesisSettings
+    ) -> Iterator[tuple[int, AudioChunk]]:
+        """Speak a group of chunk rows (pipeline.speak_group; rows may come from different runs), yielding
+        (row, AudioChunk) as audio is made, each row's final piece exactly once and in row order.
+
+        On CUDA out-of-memory the rows not yet finished are spoken again: in groups half as large first,
+        then after a step-down (see the class), with the same seeds; samples of a row already yielded (an
+        early piece) are not repeated."""
         from chatterbox_cli import pipeline
 
-        done = 0
-        written = 0  # samples of chunk `done` already yielded as an early piece
-        while done < len(chunks):
+        pending = list(range(len(rows)))
+        written = [0] * len(rows)  # samples of each row already yielded as an early piece
+        while pending:
             model = self.model
-            size, why = batch_size(model, self.request, len(chunks) - done)
-            if self.batch_cap is not None and size > self.batch_cap:
-                size, why = self.batch_cap, f"batch {self.batch_cap} after running out of memory"
-            if size > 1:
-                self.notify(why)
-            # The first chunk's first words are rendered while T3 goes on (see pipeline.synthesize).
-            early = model.early_tokens if done == 0 and not written else 0
-            pieces = pipeline.synthesize(
-                model, chunks[done:], conds, settings, first_index=done, batch_size=size, early_tokens=early
-            )
+            part = pending[: self.batch_cap or len(pending)]
+            early = 0 if any(written[j] for j in part) else model.early_tokens
+            pieces = pipeline.speak_group(model, [rows[j] for j in part], conds, settings, early_tokens=early)
             del model  # a step-down must be able to free it
             try:
-                for chunk in pieces:
+                for k, chunk in pieces:
+                    j = part[k]
                     if not chunk.final:
-                        written += chunk.audio.shape[0]
-                        yield chunk
-                        continue
-                    if written and chunk.index == done and early == 0:  # remade after an OOM: skip the said
-                        audio = fade_edges(chunk.audio[written:], pipeline.SAMPLE_RATE, end=False)
+                        written[j] += chunk.audio.shape[0]
+                    elif written[j] and not early:  # remade after an OOM: skip what was said
+                        audio = fade_edges(chunk.audio[written[j] :], pipeline.SAMPLE_RATE, end=False)
                         chunk = dataclasses.replace(chunk, audio=audio)
-                    done += 1
-                    written = 0
-                    yield chunk
-                    if self._model is not None:
-                        trace_memory(self._model, done)
+                    if chunk.final:
+                        pending.remove(j)
+                    yield j, chunk
                 continue
             except Exception as e:
                 if not oom.is_out_of_memory(e):
@@ -778,10 +803,12 @@ class ModelHolder:
                 error = oom.forget_frames(e)
             pieces.close()
             del pieces
-            if size > 1:
-                self.batch_cap = size // 2
+            at = f"at chunk {rows[pending[0]].index + 1}"
+            if len(part) > 1:
+                self.batch_cap = len(part) // 2
                 oom.release_cuda()
-                at = f"at chunk {done + 1}; trying {self.batch_cap}"
-                self._say(f"out of GPU memory decoding {size} chunks at once {at}")
+                self._say(
+                    f"out of GPU memory decoding {len(part)} chunks at once {at}; trying {self.batch_cap}"
+                )
                 continue
-            self._recover(f"at chunk {done + 1}", error)
+            self._recover(at, error)
