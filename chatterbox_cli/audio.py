@@ -61,7 +61,8 @@ def _wav_layout(sample_rate: int, channels: int, subtype: Subtype, data_bytes: i
     return _Layout(b"RIFF" + struct.pack("<I", riff_size) + chunks, data_size_at, fact_at)
 
 
-def _to_pcm16(samples: np.ndarray) -> np.ndarray:
+def to_pcm16(samples: np.ndarray) -> np.ndarray:
+    """Float samples in [-1, 1] as little-endian int16: clipped, scaled by 32767, rounded half to even."""
     scaled = np.rint(np.clip(samples, -1.0, 1.0) * 32767.0)
     return scaled.astype("<i2")
 
@@ -96,32 +97,11 @@ class StreamingWavWriter:
         self.channels = channels
         self.frames_written = 0
         self._fsync = fsync
-        self._owns_file = False
         self._closed = False
         self._failed = False
         self._data_bytes = 0
 
-        if isinstance(sink, (str, os.PathLike)) and os.fspath(sink) == "-":
-            self.name = "<stdout>"
-            # Our own unbuffered handle on fd 1: nothing is left pending in Python's buffers when the
-            # reader goes away, so the interpreter does not fail again at exit.
-            sys.stdout.flush()
-            self._file: IO[bytes] = open(sys.stdout.fileno(), "wb", buffering=0, closefd=False)  # noqa: SIM115
-            self._owns_file = True
-        elif isinstance(sink, (str, os.PathLike)):
-            self.name = os.fspath(sink)
-            try:
-                # Unbuffered: every write reaches the OS at once, so a failure surfaces in write().
-                self._file = open(sink, "wb", buffering=0)  # noqa: SIM115 - closed in close()
-            except OSError as exc:
-                raise UsageError(
-                    f"cannot create {self.name}: {exc.strerror or exc}; "
-                    "choose a path in an existing, writable folder"
-                ) from exc
-            self._owns_file = True
-        else:
-            self.name = str(getattr(sink, "name", "<output stream>"))
-            self._file = sink
+        self._file, self.name, self._owns_file = open_sink(sink)
 
         self._start = 0
         self._end = 0
@@ -164,7 +144,7 @@ class StreamingWavWriter:
                 "expected (frames,) or (frames, channels)"
             )
         samples = np.nan_to_num(samples, nan=0.0, posinf=1.0, neginf=-1.0)
-        payload = (_to_pcm16(samples) if self.subtype == "PCM_16" else samples.astype("<f4")).tobytes()
+        payload = (to_pcm16(samples) if self.subtype == "PCM_16" else samples.astype("<f4")).tobytes()
         if not payload:
             return
         if self._seekable and len(self._layout.header) - 8 + self._data_bytes + len(payload) > 0xFFFFFFFF:
@@ -259,18 +239,38 @@ class StreamingWavWriter:
             self._file.truncate(good_end)
 
     def _write_error(self, exc: OSError) -> ChatterboxError:
-        kept = (
-            f" ({self.seconds_written:.1f} s of audio written before it are kept)"
-            if self.frames_written
-            else ""
+        return write_error(self.name, exc, self.seconds_written)
+
+
+def open_sink(sink: str | os.PathLike[str] | IO[bytes]) -> tuple[IO[bytes], str, bool]:
+    """(file, name for messages, whether the caller closes it) for a path, "-" (stdout) or a file object."""
+    if isinstance(sink, (str, os.PathLike)) and os.fspath(sink) == "-":
+        # Our own unbuffered handle on fd 1: nothing is left pending in Python's buffers when the
+        # reader goes away, so the interpreter does not fail again at exit.
+        sys.stdout.flush()
+        return open(sys.stdout.fileno(), "wb", buffering=0, closefd=False), "<stdout>", True  # noqa: SIM115
+    if isinstance(sink, (str, os.PathLike)):
+        name = os.fspath(sink)
+        try:
+            # Unbuffered: every write reaches the OS at once, so a failure surfaces in write().
+            return open(sink, "wb", buffering=0), name, True  # noqa: SIM115 - the caller closes it
+        except OSError as exc:
+            raise UsageError(
+                f"cannot create {name}: {exc.strerror or exc}; choose a path in an existing, writable folder"
+            ) from exc
+    return sink, str(getattr(sink, "name", "<output stream>")), False
+
+
+def write_error(name: str, exc: OSError, seconds_written: float) -> ChatterboxError:
+    """The message for a failed write to `name` after `seconds_written` of audio."""
+    kept = f" ({seconds_written:.1f} s of audio written before it are kept)" if seconds_written else ""
+    if isinstance(exc, BrokenPipeError):
+        return ChatterboxError(f"cannot write audio to {name}: the reading program closed the pipe")
+    if exc.errno in _DISK_FULL_ERRNOS:
+        return ChatterboxError(
+            f"cannot write {name}: the disk is full{kept}; free some space or write elsewhere"
         )
-        if isinstance(exc, BrokenPipeError):
-            return ChatterboxError(f"cannot write audio to {self.name}: the reading program closed the pipe")
-        if exc.errno in _DISK_FULL_ERRNOS:
-            return ChatterboxError(
-                f"cannot write {self.name}: the disk is full{kept}; free some space or write elsewhere"
-            )
-        return ChatterboxError(f"cannot write {self.name}: {exc.strerror or exc}{kept}")
+    return ChatterboxError(f"cannot write {name}: {exc.strerror or exc}{kept}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Batch conversion bookkeeping: numbered items, `manifest.jsonl`, and what a rerun may skip.
 
-An item is done when its WAV exists with the frame count its manifest line records, and the line's
-text and settings hash match this run. WAVs are written under a temporary name and renamed when
+An item is done when its audio file exists with the frame count its manifest line records, and the line's
+text and settings hash match this run. Files are written under a temporary name and renamed when
 complete, and the manifest line is appended after the rename, so a killed run never leaves an item
 that looks done but is not.
 """
@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-import soundfile as sf
+from chatterbox_cli.formats import frame_count
 
 MANIFEST_NAME = "manifest.jsonl"
 
@@ -24,14 +24,15 @@ MANIFEST_NAME = "manifest.jsonl"
 class BatchItem:
     index: int  # 1-based, as the file name shows it
     text: str
+    extension: str = ".wav"  # the output format's
 
     @property
     def filename(self) -> str:
-        return f"{self.index:04d}.wav"
+        return f"{self.index:04d}{self.extension}"
 
 
-def make_items(texts: Iterable[str]) -> list[BatchItem]:
-    return [BatchItem(i, t) for i, t in enumerate(texts, start=1)]
+def make_items(texts: Iterable[str], extension: str = ".wav") -> list[BatchItem]:
+    return [BatchItem(i, t, extension) for i, t in enumerate(texts, start=1)]
 
 
 def settings_hash(settings: dict[str, object]) -> str:
@@ -69,9 +70,8 @@ class Manifest:
 def is_done(item: BatchItem, out_dir: Path, entry: dict[str, object] | None, digest: str) -> bool:
     if entry is None or entry.get("text") != item.text or entry.get("settings_hash") != digest:
         return False
-    wav = Path(out_dir) / item.filename
     try:
-        frames = sf.info(str(wav)).frames
+        frames = frame_count(Path(out_dir) / item.filename)
     except (OSError, RuntimeError):
         return False
     return frames == entry.get("frames")

@@ -223,7 +223,8 @@ def synthesize(
         typer.Option(
             "--output",
             "-o",
-            help="WAV file, streamed in place (partial audio survives); - writes WAV to stdout.",
+            help="Audio file, written as chunks arrive; - writes to stdout. A WAV is valid after every "
+            "chunk (partial audio survives); MP3, FLAC and Opus are complete when the run ends.",
             rich_help_panel=_PANEL_OUTPUT,
             show_default=False,
         ),
@@ -232,7 +233,7 @@ def synthesize(
         str | None,
         typer.Option(
             "--output-dir",
-            help="Batch mode: one numbered WAV per item plus manifest.jsonl; a rerun continues.",
+            help="Batch mode: one numbered file per item plus manifest.jsonl; a rerun continues.",
             rich_help_panel=_PANEL_OUTPUT,
             show_default=False,
         ),
@@ -251,13 +252,20 @@ def synthesize(
         typer.Option("--force", help="Batch mode: redo items already done.", rich_help_panel=_PANEL_OUTPUT),
     ] = False,
     audio_format: Annotated[
-        Literal["wav"], typer.Option("--format", help="Audio file format.", rich_help_panel=_PANEL_OUTPUT)
-    ] = "wav",
+        Literal["wav", "mp3", "flac", "opus", "pcm"] | None,
+        typer.Option(
+            "--format",
+            help="wav, mp3 (64 kbit/s), flac, opus (Ogg) or pcm (raw 16-bit). Default: what -o's extension "
+            "names, else wav.",
+            rich_help_panel=_PANEL_OUTPUT,
+            show_default=False,
+        ),
+    ] = None,
     subtype: Annotated[
         Literal["PCM_16", "FLOAT"],
         typer.Option(
             "--subtype",
-            help="Sample format: 16-bit PCM or 32-bit float.",
+            help="WAV sample format: 16-bit PCM or 32-bit float.",
             rich_help_panel=_PANEL_OUTPUT,
         ),
     ] = "PCM_16",
@@ -422,7 +430,7 @@ def synthesize(
         bool, typer.Option("--json", help="Print one JSON summary on stdout at the end (schema in README).")
     ] = False,
 ) -> None:
-    """Speak text into a WAV file, stdout, or one WAV per line/paragraph (batch)."""
+    """Speak text into an audio file (WAV, MP3, FLAC, Opus), stdout, or one file per line/paragraph."""
     with json_errors(json_out):
         if json_out and output == "-":
             raise UsageError("--json and -o - both write to stdout; write the audio to a file instead")
@@ -469,6 +477,7 @@ def synthesize(
             voice=voice,
             save_voice=save_voice,
             subtype=subtype,
+            audio_format=audio_format,
             force=force,
             quiet=quiet,
         )

@@ -1,10 +1,11 @@
-"""One `chatterbox synthesize` run: read the text, load the model, speak into one WAV or one WAV per item.
+"""One `chatterbox synthesize` run: read the text, load the model, speak into one file or one file per item.
 
 The command line only builds a `SynthesizeJob` and calls `run_synthesize`. Everything the user can get
 wrong is checked before the model loads (sources, output paths), so mistakes fail in a second.
 
-Nothing written is lost: a single output is streamed in place and is a valid WAV after every chunk; batch
-items are written as `.NNNN.wav.part`, renamed when complete, then recorded in `manifest.jsonl`. Ctrl-C
+Nothing written is lost: a single output is streamed in place and, as WAV, is valid after every chunk (MP3,
+FLAC and Opus are finished when the run ends, formats.py); batch items are written as `.NNNN.wav.part`
+(or the format's extension), renamed when complete, then recorded in `manifest.jsonl`. Ctrl-C
 stops after the write in progress (SIGINT is held back while a chunk is being written), keeps what was
 written and exits 130 with a message saying what was kept.
 """
@@ -27,9 +28,18 @@ import numpy as np
 from rich.markup import escape
 
 from chatterbox_cli import __version__, voice_library
-from chatterbox_cli.audio import StreamingWavWriter, Subtype, join_pause
+from chatterbox_cli.audio import Subtype, join_pause
 from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, pending, settings_hash
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
+from chatterbox_cli.formats import (
+    FORMATS,
+    AudioFormat,
+    check_encoder,
+    format_for_path,
+    frame_count,
+    get_format,
+    open_writer,
+)
 from chatterbox_cli.languages import LANGUAGES, detect_language
 from chatterbox_cli.progress import Progress, stderr_is_terminal
 from chatterbox_cli.text import decode_text, read_text_file, split_items
@@ -62,6 +72,7 @@ class SynthesizeJob:
     voice: str | None = None
     save_voice: str | None = None
     subtype: Subtype = "PCM_16"
+    audio_format: str | None = None  # --format; None: what -o's extension names, else wav
     force: bool = False
     quiet: bool = False
 
@@ -164,6 +175,26 @@ def _check_options(job: SynthesizeJob) -> None:
             voice_library.find(job.voice)  # a library voice, or an error naming the library's
         else:
             raise UsageError(f"{job.voice} does not exist; check the path given to --voice")
+    output_format(job)
+
+
+def output_format(job: SynthesizeJob) -> AudioFormat:
+    """--format, else the format -o's extension names, else WAV; checked against -o and --subtype."""
+    named = format_for_path(job.output) if job.output not in (None, "-") else None
+    if job.audio_format is None:
+        fmt = named or FORMATS["wav"]
+    else:
+        fmt = get_format(job.audio_format)
+        if named is not None and named != fmt:
+            assert job.output is not None
+            raise UsageError(
+                f"-o {job.output} names a {named.name} file but --format is {fmt.name}; "
+                f"use -o {Path(job.output).with_suffix(fmt.extension)} or drop --format"
+            )
+    if job.subtype != "PCM_16" and fmt.name != "wav":
+        raise UsageError(f"--subtype {job.subtype} applies to WAV only; drop it for --format {fmt.name}")
+    check_encoder(fmt)
+    return fmt
 
 
 def _check_output_file(path: str) -> None:
@@ -228,7 +259,7 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
     items: list[BatchItem] | None = None
     out_dir: Path | None = None
     if job.output_dir is not None:
-        items = make_items(split_items(text, job.split or "lines"))
+        items = make_items(split_items(text, job.split or "lines"), output_format(job).extension)
         out_dir = _prepare_output_dir(job.output_dir)
     else:
         assert job.output is not None
@@ -271,7 +302,7 @@ def _interrupted_message(job: SynthesizeJob, run: _Run) -> str:
         f = run.files[0]
         return (
             f"interrupted: kept {where} with {f['duration_s']:.1f} s of audio "
-            f"({f['chunks']} of {f['chunks_total']} chunks); it is a valid WAV"
+            f"({f['chunks']} of {f['chunks_total']} chunks); it is a valid {output_format(job).name.upper()}"
         )
     return "interrupted before any audio was written"
 
@@ -294,6 +325,7 @@ class _Runner:
         variant = variant_for(job.load.variant, job.settings.language)
         self.request: LoadRequest = replace(job.load, variant=variant.name if variant else None)
         self.settings: SynthesisSettings = job.settings.with_seed()  # one seed for the run, OOM step-down too
+        self.format = output_format(job)
         self.detected: set[str] = set()  # languages detected and announced so far
 
     def execute(self, text: str, items: list[BatchItem] | None, out_dir: Path | None) -> dict[str, object]:
@@ -415,12 +447,14 @@ class _Runner:
             voice="builtin" if job.voice is None else _file_digest(job.voice),
             subtype=job.subtype,
         )
+        if self.format.name != "wav":  # absent for WAV, so folders made before --format keep their hash
+            values["format"] = self.format.name
         return values
 
     def speak_into(
         self, sink: str | Path, chunks: list[str], settings: SynthesisSettings, item: BatchItem | None
     ) -> dict[str, object]:
-        """Stream `chunks` into one WAV at `sink`; returns (and records in run.files) its entry."""
+        """Stream `chunks` into one audio file at `sink`; returns (and records in run.files) its entry."""
 
         run, interrupts = self.run, self.interrupts
         pause = join_pause(SAMPLE_RATE, settings.pause_seconds)
@@ -437,7 +471,7 @@ class _Runner:
             entry["text"] = item.text
         run.files.append(entry)
         with interrupts.critical():
-            writer = StreamingWavWriter(sink, SAMPLE_RATE, self.job.subtype)
+            writer = open_writer(sink, self.format, SAMPLE_RATE, self.job.subtype)
         try:
             if not chunks:
                 with interrupts.critical():
@@ -485,11 +519,17 @@ class _Runner:
             except OSError as e:
                 raise ChatterboxError(f"cannot rename {part} to {final}: {e.strerror or e}") from e
             try:
+                # As a reader counts them, which is what a rerun compares (an MP3 decoder that ignored
+                # the LAME header would count the encoder's delay and padding too).
+                frames = frame_count(final)
+            except (OSError, RuntimeError) as e:
+                raise ChatterboxError(f"cannot read back {final}: {e}") from e
+            try:
                 manifest.append(
                     {
                         "file": item.filename,
                         "text": item.text,
-                        "frames": entry["frames"],
+                        "frames": frames,
                         "duration": entry["duration_s"],
                         "chunks": entry["chunks"],
                         "preset": self.holder.model.preset,
@@ -570,13 +610,11 @@ class _Runner:
 
 def _file_entry(path: Path, item: BatchItem) -> dict[str, object]:
     """The summary entry of an item a previous run finished."""
-    import soundfile as sf
-
-    info = sf.info(str(path))
+    frames = frame_count(path)
     return {
         "path": str(path),
         "text": item.text,
-        "frames": info.frames,
-        "duration_s": round(info.frames / info.samplerate, 3),
+        "frames": frames,
+        "duration_s": round(frames / SAMPLE_RATE, 3),
         "skipped": True,
     }

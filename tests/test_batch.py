@@ -222,6 +222,7 @@ def _job_hash(
     settings: SynthesisSettings | None = None,
     voice: Path | None = None,
     subtype: Subtype = "PCM_16",
+    audio_format: str | None = None,
     **load: object,
 ) -> str:
     """The settings hash a batch run of this job would record (no model needed: the revision is given)."""
@@ -236,6 +237,7 @@ def _job_hash(
         load=request,
         voice=None if voice is None else str(voice),
         subtype=subtype,
+        audio_format=audio_format,
     )
     runner = _Runner(job, _Run(), Progress(enabled=False), _HoldInterrupts(), _ignore, _ignore)
     return settings_hash(runner.hash_inputs())
@@ -293,6 +295,17 @@ def test_each_load_setting_changes_the_hash(tmp_path: Path, name: str, value: st
 
 def test_subtype_changes_the_hash(tmp_path: Path) -> None:
     assert _job_hash(tmp_path, subtype="FLOAT") != _job_hash(tmp_path, subtype="PCM_16")
+
+
+def test_the_format_changes_the_hash_and_wav_keeps_the_old_one(tmp_path: Path) -> None:
+    hashes = {name: _job_hash(tmp_path, audio_format=name) for name in ("wav", "mp3", "flac", "opus", "pcm")}
+    assert len(set(hashes.values())) == 5
+    # Folders made before --format existed hashed no format: WAV adds none, so their items stay done.
+    assert hashes["wav"] == _job_hash(tmp_path)
+    request = LoadRequest(model="some/model", revision="rev1")
+    job = SynthesizeJob("One.", None, None, str(tmp_path), "lines", SynthesisSettings(), request)
+    runner = _Runner(job, _Run(), Progress(enabled=False), _HoldInterrupts(), _ignore, _ignore)
+    assert "format" not in runner.hash_inputs()
 
 
 def test_the_voice_is_hashed_by_content(tmp_path: Path) -> None:
