@@ -615,6 +615,72 @@ def _print_estimate(report: Any, rich: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# serve
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    variant: Annotated[
+        Literal["english", "multilingual", "turbo"] | None,
+        typer.Option(help="Model variant. Default: as for synthesize.", show_default=False),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    preset: Annotated[
+        str, typer.Option(help="auto (the best that fits, stepping down on out-of-memory) or a preset.")
+    ] = "auto",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="CHATTERBOX_API_KEY",
+            help="Require Authorization: Bearer KEY on /v1 (also $CHATTERBOX_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    max_batch: Annotated[
+        int, typer.Option(help="Chunks of concurrent requests decoded together; 0: as many as memory allows.")
+    ] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Speech tokens per chunk at most (25 per second).")] = 1000,
+    max_input_chars: Annotated[int, typer.Option(help="Longest `input` accepted.")] = 4096,
+    max_concurrent: Annotated[int, typer.Option(help="Requests in flight at once; more get 429.")] = 64,
+    timeout: Annotated[float, typer.Option(help="Seconds a request may take, queue included.")] = 300.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 65536,
+    offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
+) -> None:
+    """An OpenAI-compatible speech server: POST /v1/audio/speech, GET /v1/models, GET /health.
+
+    Needs the server extra: pip install 'chatterbox-cli[server]'.
+    """
+    from chatterbox_cli.server.app import Limits
+    from chatterbox_cli.server.run import serve as run_server
+    from chatterbox_cli.service import LoadRequest
+
+    if min(max_input_chars, max_concurrent, max_body, max_tokens) < 1 or timeout <= 0 or max_batch < 0:
+        raise UsageError("the limits must be positive (--max-batch 0 means as many as memory allows)")
+    request = LoadRequest(
+        model=model,
+        revision=revision,
+        device=device,
+        preset=preset,
+        variant=variant,
+        max_tokens=max_tokens,
+        batch=max_batch,
+        allow_download=not offline,
+    )
+    limits = Limits(max_input_chars, max_concurrent, timeout, max_body, max_tokens)
+    run_server(
+        request, limits, host=host, port=port, api_key=api_key, notify=lambda m: typer.echo(m, err=True)
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # voices
 
 voices_app = typer.Typer(

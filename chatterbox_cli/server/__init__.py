@@ -1,0 +1,1 @@
+"""`chatterbox serve`: an OpenAI-compatible speech server on the model-loading service (extra: server)."""

@@ -1,0 +1,196 @@
+"""The server's speech engine: one model, one worker thread, and the requests it speaks.
+
+Requests wait in a queue. Each round, the worker takes the oldest request's voice and settings and the
+next chunk of every waiting request that shares them (up to the batch size the free memory allows,
+service.ModelHolder.group_size), and decodes those chunks together in one T3 batch and one S3Gen call
+(pipeline.speak_group). A request that arrives while a round runs joins at the next chunk boundary. The
+rows of a round then move behind the other waiting requests, so a long text does not hold the GPU while
+others wait. Every chunk is seeded by its own request's seed and index, so a request's audio does not
+depend on which requests shared its rounds. Out-of-memory is handled by the model holder (halve the
+group, then step down), as for the CLI.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from chatterbox_cli import voice_library
+from chatterbox_cli.audio import join_pause
+from chatterbox_cli.errors import ChatterboxError, UsageError
+from chatterbox_cli.models.conds import Conditionals
+from chatterbox_cli.pipeline import SAMPLE_RATE, ChunkRow, SynthesisSettings
+from chatterbox_cli.service import ModelHolder
+
+log = logging.getLogger("chatterbox.server")
+
+# OpenAI's voice names: the checkpoint's built-in voice, unless the voice library has one of that name.
+OPENAI_VOICES = frozenset(
+    [
+        "alloy",
+        "ash",
+        "ballad",
+        "coral",
+        "echo",
+        "fable",
+        "nova",
+        "onyx",
+        "sage",
+        "shimmer",
+        "verse",
+        "marin",
+        "cedar",
+    ]
+)
+BUILTIN = ("default", "builtin")
+
+# What a request receives from the engine: audio (float32, 24 kHz, pauses included), an error, or None
+# at the end.
+Delivery = Callable[[np.ndarray | BaseException | None], None]
+
+
+@dataclass(eq=False)
+class Speech:
+    """One request in the engine: its chunks, voice and settings, and how far it has come."""
+
+    chunks: list[str]
+    conds: Conditionals
+    voice_key: str
+    settings: SynthesisSettings  # with a seed
+    deliver: Delivery
+    next: int = 0  # the next chunk to finish
+    in_chunk: bool = False  # an early piece of chunk `next` went out
+    cancelled: bool = False  # the client went away or its time ran out: its chunks are dropped
+    queued_at: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        if self.settings.seed is None:
+            self.settings = self.settings.with_seed()
+
+    @property
+    def key(self) -> tuple[str, SynthesisSettings]:
+        """What requests must share to decode together: the voice, and the settings less the seed."""
+        return self.voice_key, replace(self.settings, seed=None)
+
+
+class Engine:
+    def __init__(self, holder: ModelHolder) -> None:
+        self.holder = holder
+        model = holder.model
+        self.variant = model.variant
+        self.tokenizer = model.tokenizer  # the same at every preset
+        builtin = model.builtin_voice
+        self.builtin = builtin.to("cpu") if builtin is not None else None
+        self._voices: dict[str, tuple[int, Conditionals]] = {}  # library name -> (mtime, conds)
+        self._queue: list[Speech] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._work, name="chatterbox-engine", daemon=True)
+        self.rounds = 0
+        self.largest_group = 0  # the most requests that shared a round so far
+
+    # -- requests side (any thread) ---------------------------------------------------------------------
+
+    def voice(self, name: str) -> tuple[str, Conditionals]:
+        """A voice by name: the library's, else (OpenAI's names, "default") the built-in one."""
+        if voice_library.is_name(name) and voice_library.path_of(name).is_file():
+            from chatterbox_cli.models.conds import load_voice
+
+            path = voice_library.path_of(name)
+            mtime = path.stat().st_mtime_ns
+            cached = self._voices.get(name)
+            if cached is None or cached[0] != mtime:
+                conds, _ = load_voice(path)
+                cached = self._voices[name] = (mtime, conds.to("cpu"))
+            return f"library:{name}:{mtime}", cached[1]
+        if name.lower() in OPENAI_VOICES or name.lower() in BUILTIN:
+            if self.builtin is None:
+                raise UsageError(
+                    "this checkpoint has no built-in voice (conds.pt); add one to the voice library with "
+                    f"`chatterbox voices add {name} clip.wav`"
+                )
+            return "builtin", self.builtin
+        voice_library.path_of(name)  # a name that is not one says so
+        have = ", ".join(e.name for e in voice_library.entries()) or "none"
+        raise UsageError(
+            f"no voice {name!r}: the library ({voice_library.library_dir()}) has {have}; OpenAI's voice "
+            "names speak in the built-in voice. Add one with `chatterbox voices add NAME clip.wav`"
+        )
+
+    def submit(self, speech: Speech) -> None:
+        with self._wake:
+            if self._stopping:
+                raise ChatterboxError("the server is shutting down")
+            self._queue.append(speech)
+            self._wake.notify()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the requests already queued, then end the worker."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- the worker --------------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._wake:
+                self._queue = [s for s in self._queue if not s.cancelled]
+                while not self._queue and not self._stopping:
+                    self._wake.wait()
+                    self._queue = [s for s in self._queue if not s.cancelled]
+                if not self._queue:
+                    return
+                key = self._queue[0].key
+                candidates = [s for s in self._queue if s.key == key]
+            group = candidates
+            try:
+                size, _ = self.holder.group_size(len(candidates))
+                group = candidates[:size]
+                self._round(group)
+            except Exception as e:  # every request of the round hears of it
+                self._fail(group, e)
+
+    def _round(self, group: list[Speech]) -> None:
+        self.rounds += 1
+        self.largest_group = max(self.largest_group, len(group))
+        first = group[0]
+        rows = [ChunkRow(s.chunks[s.next], s.next, int(s.settings.seed or 0)) for s in group]
+        pause = join_pause(SAMPLE_RATE, first.settings.pause_seconds)
+        for j, chunk in self.holder.speak_rows(rows, first.conds, first.settings):
+            speech = group[j]
+            if speech.cancelled:
+                continue
+            starts = chunk.index > 0 and not speech.in_chunk
+            speech.in_chunk = not chunk.final
+            speech.deliver(np.concatenate([pause, chunk.audio]) if starts else chunk.audio)
+            if chunk.final:
+                speech.next += 1
+        with self._wake:
+            done = [s for s in group if s.next == len(s.chunks) or s.cancelled]
+            # the round's requests go behind the others that wait (the queue keeps arrival order otherwise)
+            self._queue = [s for s in self._queue if s not in group] + [s for s in group if s not in done]
+        for speech in done:
+            if not speech.cancelled:
+                speech.deliver(None)
+
+    def _fail(self, group: list[Speech], error: BaseException) -> None:
+        if not isinstance(error, ChatterboxError):
+            log.exception("speaking failed", exc_info=error)
+        with self._wake:
+            self._queue = [s for s in self._queue if s not in group]
+        for speech in group:
+            speech.deliver(error)
