@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device-machine session: install carried wheels, then run what is asked (probe, gpu tests, benchmarks).
-# Usage on the GPU machine: bash benchmarks/gpu_session.sh probe tests speed memory caps first small variants
+# Usage on the GPU machine: bash benchmarks/gpu_session.sh probe tests speed memory caps first small variants serve
 # Wheels travel in .wheels/ (ours: bitsandbytes, soundfile, cffi, pycparser, soxr, nvidia-ml-py, typer and
 # rich with their pure-Python dependencies) and .refwheels/
 # (the reference chatterbox-tts 0.1.7 and its pure-Python deps); results land in $OUT.
@@ -23,6 +23,7 @@ for step in "$@"; do
     first) python3 benchmarks/first_audio.py --checkpoint $CK ${FIRST_ARGS:-} > "$OUT/first_audio.json" 2> >(tee "$OUT/first_audio.log" >&2) ;;
     first-turbo) python3 benchmarks/first_audio.py --checkpoint /tmp/ck-turbo --variant turbo ${FIRST_TURBO_ARGS:-} > "$OUT/first_audio_turbo.json" 2> >(tee "$OUT/first_audio_turbo.log" >&2) ;;
     variants) python3 benchmarks/variant_speed.py --folder /tmp/ck-variants ${VARIANT_ARGS:-} > "$OUT/variant_speed.json" 2> >(tee "$OUT/variant_speed.log" >&2) ;;
+    serve) python3 benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
     small) python3 benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;
   esac

@@ -5,6 +5,7 @@ concurrent requests, limits, bad input, authentication, a client leaving mid-str
 from __future__ import annotations
 
 import io
+import re
 import signal
 import socket
 import subprocess
@@ -277,3 +278,27 @@ def test_sigterm_drains_the_request_in_flight(lone_server: Server, tiny_checkpoi
         np.testing.assert_array_equal(audio, decode(again.content)[0])
     finally:
         rerun.stop()
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+EXAMPLES = dict(
+    re.findall(r"<!-- server-example: (\w+) -->\s*```(?:sh|python)\n(.*?)```", README.read_text(), re.DOTALL)
+)
+
+
+def test_readme_server_examples_run(lone_server: Server, tmp_path: Path) -> None:
+    """The README's curl and openai-client examples, as written, against a real server."""
+    assert set(EXAMPLES) == {"curl", "openai"}
+    address = f"127.0.0.1:{lone_server.port}"
+    curl = EXAMPLES["curl"].replace("127.0.0.1:8000", address)
+    proc = subprocess.run(
+        ["bash", "-c", "set -euo pipefail\n" + curl], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert '"id":"chatterbox"' in proc.stdout  # /v1/models
+    assert decode((tmp_path / "hello.wav").read_bytes())[1] == 24_000
+    assert (tmp_path / "speech.pcm").stat().st_size > 0
+    script = EXAMPLES["openai"].replace("127.0.0.1:8000", address)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert sf.info(str(tmp_path / "hello.mp3")).format == "MP3"
