@@ -302,3 +302,16 @@ def test_readme_server_examples_run(lone_server: Server, tmp_path: Path) -> None
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert sf.info(str(tmp_path / "hello.mp3")).format == "MP3"
+
+
+def test_a_request_out_of_time_gets_504(tiny_checkpoint: str, tmp_path: Path) -> None:
+    """--timeout counts from the request's arrival; with no audio by then, a 504 in OpenAI's shape (the
+    tiny model's first chunk takes longer than 10 ms on any CPU: it is 20 T3 steps and 10 flow steps)."""
+    s = start_server(tiny_checkpoint, tmp_path, child_env(), "--timeout", "0.01")
+    try:
+        payload = {"model": "tts-1", "voice": "alloy", "input": LONG, "response_format": "wav"}
+        response = httpx.post(s.url + "/v1/audio/speech", json=payload, timeout=60)
+        assert response.status_code == 504 and "ran out of time" in response.json()["error"]["message"]
+        assert httpx.get(s.url + "/health").json()["status"] == "ok"  # and it goes on serving
+    finally:
+        s.stop()
