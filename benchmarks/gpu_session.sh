@@ -2,7 +2,9 @@
 # One device-machine session: install carried wheels, then run what is asked (probe, gpu tests, benchmarks).
 # Usage on the GPU machine: bash benchmarks/gpu_session.sh probe tests speed memory caps first small variants serve
 # Wheels travel in .wheels/ (ours: bitsandbytes, soundfile, cffi, pycparser, soxr, nvidia-ml-py, typer and
-# rich with their pure-Python dependencies) and .refwheels/
+# rich with their pure-Python dependencies; pyloudnorm and future for the Turbo tests; for `serve`: fastapi
+# 0.115 (later ones import opentelemetry), starlette 0.46, uvicorn, h11, anyio, sniffio, idna, httpx, httpcore,
+# certifi; installed without dependencies, so a wheel a later version needs must come too) and .refwheels/
 # (the reference chatterbox-tts 0.1.7 and its pure-Python deps); results land in $OUT.
 set -uo pipefail
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}

@@ -615,6 +615,82 @@ def _print_estimate(report: Any, rich: bool) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# eval
+
+
+@app.command("eval")
+def eval_command(
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="Preset under test: fp16, bnb-8bit, bnb-4bit, bnb-4bit-swap, fp32, or all.",
+            show_default=False,
+        ),
+    ],
+    against: Annotated[
+        str | None,
+        typer.Option(
+            help="Reference precision: fp32 or a preset. Default: fp16 on a GPU, fp32 on the CPU.",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    variant: Annotated[
+        Literal["english", "multilingual", "turbo"] | None,
+        typer.Option(help="Model variant. Default: as for synthesize.", show_default=False),
+    ] = None,
+    revision: Annotated[
+        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    seed: Annotated[
+        int, typer.Option(help="Seed of every text's sampling and noise, the same on both sides.")
+    ] = 0,
+    max_tokens: Annotated[int, typer.Option(help="Speech tokens per text at most.")] = 150,
+    texts: Annotated[
+        str | None,
+        typer.Option(
+            "--texts", help="UTF-8 file, one text per line. Default: a built-in set of 8.", show_default=False
+        ),
+    ] = None,
+    offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print one JSON object (schema in README).")
+    ] = False,
+) -> None:
+    """How far a preset's outputs are from a reference precision's, on the same texts, seeds and tokens:
+    T3 teacher-forced KL and top-1 agreement, S3Gen mel L1 and waveform SNR, speaker-embedding cosine."""
+    with json_errors(json_out):
+        from chatterbox_cli.evaluate import evaluate, read_texts
+
+        notify = (lambda _: None) if quiet else (lambda message: typer.echo(message, err=True))
+        report = evaluate(
+            model,
+            preset,
+            against,
+            device,
+            read_texts(texts) if texts is not None else None,
+            seed,
+            max_tokens,
+            notify,
+            variant=variant,
+            revision=revision,
+            allow_download=not offline,
+        )
+    if json_out:
+        emit_json(report.to_dict())
+    elif use_rich():
+        from chatterbox_cli.evaluate import print_rich
+
+        print_rich(report)
+    else:
+        from chatterbox_cli.evaluate import format_plain
+
+        typer.echo(format_plain(report))
+
+
+# --------------------------------------------------------------------------------------------------
 # serve
 
 
@@ -658,7 +734,7 @@ def serve(
 
     Needs the server extra: pip install 'chatterbox-cli[server]'.
     """
-    from chatterbox_cli.server.app import Limits
+    from chatterbox_cli.server.limits import Limits
     from chatterbox_cli.server.run import serve as run_server
     from chatterbox_cli.service import LoadRequest
 

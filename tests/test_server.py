@@ -315,3 +315,22 @@ def test_a_request_out_of_time_gets_504(tiny_checkpoint: str, tmp_path: Path) ->
         assert httpx.get(s.url + "/health").json()["status"] == "ok"  # and it goes on serving
     finally:
         s.stop()
+
+
+def test_missing_extra_and_a_taken_port_are_usage_errors(
+    tiny_checkpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Both are said in one line, before the model loads (exit 2, no traceback)."""
+    from chatterbox_cli.cli import run
+
+    args = ["serve", "--model", tiny_checkpoint, "--device", "cpu"]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "uvicorn", None)  # as if the server extra were not installed
+        assert run([*args, "--port", str(free_port())]) == 2
+    assert "pip install 'chatterbox-cli[server]'" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert run([*args, "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "is in use; choose another --port" in err and "Traceback" not in err

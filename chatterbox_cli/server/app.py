@@ -14,7 +14,6 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -27,18 +26,10 @@ from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError
 from chatterbox_cli.languages import LANGUAGES, detect_language
 from chatterbox_cli.pipeline import SAMPLE_RATE, SynthesisSettings, prepare_chunks
 from chatterbox_cli.server.engine import Engine, Speech
+from chatterbox_cli.server.limits import Limits
 
 # Model names a client may send: ours, and OpenAI's speech models (all served by the one loaded model).
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_input_chars: int = 4096  # OpenAI's own limit for `input`
-    max_concurrent: int = 64  # requests in flight; more get 429
-    timeout_s: float = 300.0  # a request's whole time, queue included
-    max_body_bytes: int = 64 * 1024
-    max_tokens: int = 1000  # speech tokens per chunk
 
 
 class SpeechBody(BaseModel):

@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.pipeline import SynthesisSettings
-from chatterbox_cli.server.app import Limits, create_app
 from chatterbox_cli.server.engine import Engine
+from chatterbox_cli.server.limits import Limits
 from chatterbox_cli.service import LoadRequest, ModelHolder
 
 WARM_UP_TEXT = "Warming up the model for the first request."
@@ -40,9 +40,12 @@ def serve(
 ) -> None:
     try:
         import uvicorn
+
+        from chatterbox_cli.server.app import create_app
     except ImportError as e:
         raise UsageError(
-            "chatterbox serve needs the server extra: pip install 'chatterbox-cli[server]'"
+            f"chatterbox serve needs the server extra ({e.name or e} is missing): "
+            "pip install 'chatterbox-cli[server]'"
         ) from e
     check_port(host, port)
     holder = ModelHolder(request, notify)
