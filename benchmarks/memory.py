@@ -6,7 +6,7 @@
     python benchmarks/memory.py --layer-errors       # per-layer quantization errors (presets.py table)
 
 Each measurement runs in a fresh child process, so peak statistics, NVML process memory and the CUDA
-context belong to that preset alone. Per preset: load (T3 via quantize.load_quantized; S3Gen speech parts,
+context belong to that preset alone. Per preset: load (T3 via quant.bnb.load_quantized; S3Gen speech parts,
 flow Linears quantized by quantize.quantize_module), a --max-tokens decode with CFG (ignore_stop), S3Gen on
 the tokens. Reported: torch peak allocated/reserved per stage and overall, NVML process memory, load time,
 T3 tokens/s, S3Gen RTF, the estimate and measured/estimated ratios, and the numbers that calibrate
@@ -344,7 +344,7 @@ def layer_errors(device_name: str) -> dict:
     import torch
 
     from chatterbox_cli.presets import ComponentPlan
-    from chatterbox_cli.quantize import make_quantized_linear, require_bitsandbytes
+    from chatterbox_cli.quant.bnb import make_quantized_linear, require_bitsandbytes
 
     torch.set_grad_enabled(False)
     device = torch.device(device_name)

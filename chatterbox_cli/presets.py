@@ -1,7 +1,7 @@
 """Memory presets as data: which Linear layers of which component are quantized, and how.
 
 One function, `which_linears`, decides which layers a plan quantizes. `estimate.py` applies it to the
-checkpoint's header shapes, `quantize.py` to the module being loaded, so the bytes the estimate promises
+checkpoint's header shapes, `quant/bnb.py` to the module being loaded, so the bytes the estimate promises
 are the bytes the loader produces.
 
 bitsandbytes replaces `nn.Linear` only. Per component:

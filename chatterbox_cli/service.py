@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from chatterbox_cli.models.t3 import T3
     from chatterbox_cli.models.tokenizer import CheckpointTokenizer
     from chatterbox_cli.pipeline import AudioChunk, ChunkRow, SynthesisSettings
-    from chatterbox_cli.quantize import QuantReport
+    from chatterbox_cli.quant.bnb import QuantReport
 
 Notify = Callable[[str], None]
 
@@ -311,7 +311,7 @@ def _load_t3(
     t3.drop_text_head()
     report, cache = None, None
     if plan is not None and plan["t3"].quantized:
-        from chatterbox_cli.quant_cache import load_quantized_cached
+        from chatterbox_cli.quant.cache import load_quantized_cached
 
         done = load_quantized_cached(
             t3, path, plan["t3"], decision.device, decision.dtype, use_cache=use_cache, notify=notify
@@ -336,8 +336,8 @@ def _load_s3gen(
         s3gen = S3Gen.load(path, device, dtype)
         report = None
     else:
-        from chatterbox_cli.quant_cache import quantize_module_cached
-        from chatterbox_cli.quantize import verify_quantized
+        from chatterbox_cli.quant.bnb import verify_quantized
+        from chatterbox_cli.quant.cache import quantize_module_cached
 
         # The flow is built at 16 bits on the host, then its Linears are quantized onto the device one by one
         # (or taken from the cache: S3Gen.load still reads their float weights, but nothing is quantized).

@@ -18,7 +18,7 @@ os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
 os.environ.pop("HUGGINGFACE_HUB_CACHE", None)
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
-# The quantized-weight cache (chatterbox_cli/quant_cache.py) goes to a throwaway folder, never ~/.cache.
+# The quantized-weight cache (chatterbox_cli/quant/cache.py) goes to a throwaway folder, never ~/.cache.
 os.environ["CHATTERBOX_CACHE_DIR"] = os.path.join(_HF_HOME, "chatterbox-cache")
 
 

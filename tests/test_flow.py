@@ -331,7 +331,7 @@ def test_a_quantized_estimator_replays_as_a_graph_with_eager_values(mode: str) -
 
     from chatterbox_cli.models.cuda_graphs import capturable
     from chatterbox_cli.presets import plan_for
-    from chatterbox_cli.quantize import quantize_module
+    from chatterbox_cli.quant.bnb import quantize_module
 
     config = FlowConfig.tiny()
     flow = _build(config, 3).half()

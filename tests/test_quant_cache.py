@@ -1,4 +1,4 @@
-"""The disk cache of quantized weights (chatterbox_cli/quant_cache.py), for real on the CPU with bitsandbytes:
+"""The disk cache of quantized weights (chatterbox_cli/quant/cache.py), for real on the CPU with bitsandbytes:
 the T3 of a tiny random checkpoint with every backbone Linear planned, and the service's own load path
 (where the tiny checkpoint's flow has two int8 Linears). Every test writes to its own CHATTERBOX_CACHE_DIR."""
 
@@ -15,14 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from chatterbox_cli import quant_cache, service
+from chatterbox_cli import service
 from chatterbox_cli.checkpoint import safetensors_header
 from chatterbox_cli.cli import run
 from chatterbox_cli.models.loading import infer_t3_config
 from chatterbox_cli.models.t3 import T3
 from chatterbox_cli.presets import ComponentPlan, plan_for
-from chatterbox_cli.quant_cache import CachedQuantization, cache_key, cache_root, load_quantized_cached
-from chatterbox_cli.quantize import planned_layers
+from chatterbox_cli.quant import cache as quant_cache
+from chatterbox_cli.quant.bnb import planned_layers
+from chatterbox_cli.quant.cache import CachedQuantization, cache_key, cache_root, load_quantized_cached
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint
 
 pytest.importorskip("bitsandbytes")

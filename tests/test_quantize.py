@@ -20,7 +20,7 @@ from chatterbox_cli.presets import (
     linear_shapes_from_module,
     plan_for,
 )
-from chatterbox_cli.quantize import (
+from chatterbox_cli.quant.bnb import (
     QuantizationError,
     load_quantized,
     make_quantized_linear,

@@ -17,11 +17,12 @@ import pytest
 import soundfile as sf
 import torch
 
-from chatterbox_cli import cli, jobs, oom, pipeline, quant_cache, service
+from chatterbox_cli import cli, jobs, oom, pipeline, service
 from chatterbox_cli.errors import OutOfMemoryError
 from chatterbox_cli.models.s3gen import S3Gen
 from chatterbox_cli.models.s3gen.flow import CausalCFM
 from chatterbox_cli.pipeline import SynthesisSettings
+from chatterbox_cli.quant import cache as quant_cache
 
 SETTINGS = SynthesisSettings(seed=11, max_tokens=20, flow_steps=2)
 CHUNKS = [f"Chunk number {i} says a few words, then a few more." for i in range(4)]

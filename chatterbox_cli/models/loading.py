@@ -58,7 +58,7 @@ def load_module_from_safetensors(
     """Fill `module_on_meta` with the tensors of `path` (strict), on `device`; float tensors become `dtype`.
 
     Tensors of the submodules named in `skip_modules` are neither read nor checked: the caller has already
-    filled those submodules (quantize.load_quantized puts quantized layers there).
+    filled those submodules (quant.bnb.load_quantized puts quantized layers there).
 
     Raises CheckpointError naming missing or unexpected tensor names and shape mismatches. Returns the same
     module, switched to eval mode.

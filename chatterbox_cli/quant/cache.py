@@ -33,7 +33,7 @@ from torch import nn
 from chatterbox_cli.checkpoint import write_safetensors_atomic
 from chatterbox_cli.errors import ChatterboxError
 from chatterbox_cli.presets import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, ComponentPlan
-from chatterbox_cli.quantize import (
+from chatterbox_cli.quant.bnb import (
     QuantizationError,
     QuantReport,
     _set_submodule,
@@ -278,7 +278,7 @@ def load_quantized_cached(
     use_cache: bool = True,
     notify: Notify,
 ) -> CachedQuantization:
-    """`quantize.load_quantized` + `verify_quantized`, with the planned layers from the cache when it holds
+    """`quant.bnb.load_quantized` + `verify_quantized`, with the planned layers from the cache when it holds
     them (no float weights read for those layers); on a miss the entry is written afterwards."""
     from chatterbox_cli.models.loading import load_module_from_safetensors
     from chatterbox_cli.presets import linear_shapes_from_module
