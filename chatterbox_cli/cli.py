@@ -198,6 +198,16 @@ _MODEL_HELP = "Model hub repo id or a local checkpoint folder."
 _PANEL_VOICE = "Voice and sampling"
 _PANEL_MODEL = "Model and device"
 _PANEL_OUTPUT = "Output"
+# Options several commands share, declared once
+ModelOption = Annotated[str, typer.Option(help=_MODEL_HELP)]
+RevisionOption = Annotated[
+    str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+VariantOption = Annotated[
+    Literal["english", "multilingual", "turbo"] | None,
+    typer.Option(help="Model variant. Default: as for synthesize.", show_default=False),
+]
 
 
 def _parse_batch(value: str) -> int:
@@ -488,7 +498,7 @@ def synthesize(
 
 @app.command()
 def estimate(
-    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     variant: Annotated[
         Literal["english", "multilingual", "turbo"] | None,
         typer.Option(
@@ -497,9 +507,7 @@ def estimate(
             show_default=False,
         ),
     ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
-    ] = None,
+    revision: RevisionOption = None,
     preset: Annotated[
         str | None,
         typer.Option(
@@ -634,15 +642,10 @@ def eval_command(
             show_default=False,
         ),
     ] = None,
-    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
-    variant: Annotated[
-        Literal["english", "multilingual", "turbo"] | None,
-        typer.Option(help="Model variant. Default: as for synthesize.", show_default=False),
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    model: ModelOption = DEFAULT_MODEL,
+    variant: VariantOption = None,
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
     seed: Annotated[
         int, typer.Option(help="Seed of every text's sampling and noise, the same on both sides.")
     ] = 0,
@@ -696,15 +699,10 @@ def eval_command(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
-    variant: Annotated[
-        Literal["english", "multilingual", "turbo"] | None,
-        typer.Option(help="Model variant. Default: as for synthesize.", show_default=False),
-    ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    model: ModelOption = DEFAULT_MODEL,
+    variant: VariantOption = None,
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
     preset: Annotated[
         str, typer.Option(help="auto (the best that fits, stepping down on out-of-memory) or a preset.")
     ] = "auto",
@@ -732,7 +730,7 @@ def serve(
 ) -> None:
     """An OpenAI-compatible speech server: POST /v1/audio/speech, GET /v1/models, GET /health.
 
-    Needs the server extra: pip install 'chatterbox-cli[server]'.
+    Needs the server extra: pip install 'chatterbox-cli\\[server]'.
     """
     from chatterbox_cli.server.limits import Limits
     from chatterbox_cli.server.run import serve as run_server
@@ -769,15 +767,13 @@ app.add_typer(voices_app, name="voices")
 def voices_add(
     name: Annotated[str, typer.Argument(help="The voice's name: letters, digits, - and _.")],
     clip: Annotated[str, typer.Argument(help="An audio clip of the voice (any format libsndfile reads).")],
-    model: Annotated[str, typer.Option(help=_MODEL_HELP)] = DEFAULT_MODEL,
+    model: ModelOption = DEFAULT_MODEL,
     variant: Annotated[
         Literal["english", "multilingual", "turbo"] | None,
         typer.Option(help="Model variant that prepares it. Default: as for synthesize.", show_default=False),
     ] = None,
-    revision: Annotated[
-        str | None, typer.Option(help="Hub revision (branch, tag or commit).", show_default=False)
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    revision: RevisionOption = None,
+    device: DeviceOption = "auto",
     offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace a voice of that name.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
