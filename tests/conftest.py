@@ -61,3 +61,21 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint
 
     return str(write_random_checkpoint(tmp_path_factory.mktemp("tiny-checkpoint"), "tiny", seed=0))
+
+
+# Options that make `synthesize` fast on the tiny checkpoint (CPU, short chunks, two flow steps)
+FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2")
+
+
+@pytest.fixture
+def synth(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """Run `chatterbox synthesize ARGS` in-process on the tiny checkpoint; (exit code, stdout, stderr)."""
+    from chatterbox_cli.cli import run
+
+    def call(*args: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = run(["synthesize", *args, "--model", tiny_checkpoint, *FAST])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return call

@@ -14,16 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import FAST
 
 from chatterbox_cli import cli, formats
 from chatterbox_cli.audio import to_pcm16
-from chatterbox_cli.cli import run
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.formats import FORMATS, ChunkEncoder, encode, format_for_path, get_format, open_writer
 
 SR = 24_000
 N = round(1.5 * SR)
-FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2")
 EnvFactory = Callable[..., dict[str, str]]
 
 # How many samples a decoder may give beyond the N written, by where they come from:
@@ -205,17 +204,6 @@ def test_a_file_path_gets_a_finished_file(tmp_path: Path) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # `chatterbox synthesize --format`
-
-
-@pytest.fixture
-def synth(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = run(["synthesize", *args, "--model", tiny_checkpoint, *FAST])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 def test_the_extension_of_o_picks_the_format(

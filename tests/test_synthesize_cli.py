@@ -14,31 +14,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
+from conftest import FAST
 from rich.console import Console
 
 from chatterbox_cli.cli import run
 from chatterbox_cli.progress import Progress
 
 EnvFactory = Callable[..., dict[str, str]]
-FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2")
 # Each sentence is long enough (> 30 text tokens) that the chunker does not pack the two together.
 TWO_SENTENCES = (
     "The first sentence is right here, with quite a few words that keep going on and on for a while. "
     "The second one follows it closely, also with many words that make it too long to share a chunk."
 )
-
-
-@pytest.fixture
-def synth(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """Run `chatterbox synthesize ARGS` in-process on the tiny checkpoint; (exit code, stdout, stderr)."""
-
-    def call(*args: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = run(["synthesize", *args, "--model", tiny_checkpoint, *FAST])
-        out, err = capsys.readouterr()
-        return code, out, err
-
-    return call
 
 
 def sine_clip(
