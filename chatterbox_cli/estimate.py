@@ -106,9 +106,14 @@ _REPORT_PARTS: dict[str, tuple[Component, ...]] = {
 WEIGHT_ROLES = ("t3", "s3gen", "ve")  # the variant files whose tensor shapes the estimate reads
 
 
-def quantized_linear_nbytes(mode: str, out_features: int, in_features: int) -> int:
-    """Bytes bitsandbytes 0.50.2 allocates for one quantized Linear's weight and quantization state
-    (bias excluded: it stays a 16-bit tensor). Checked against real layers in tests/test_quantize.py."""
+def quantized_linear_nbytes(mode: str, out_features: int, in_features: int, awq_group: int = 128) -> int:
+    """Bytes one quantized Linear's weight and quantization state take on the device (bias excluded: it
+    stays a 16-bit tensor): bitsandbytes 0.50.2's int8 and nf4 (checked against real layers in
+    tests/test_quantize.py), AWQ's with groups of `awq_group` inputs (quant.awq.runtime_nbytes)."""
+    if mode == "awq":
+        from chatterbox_cli.quant.awq import runtime_nbytes
+
+        return runtime_nbytes(out_features, in_features, awq_group)
     n = out_features * in_features
     if mode == "int8":
         return n + 4 * out_features  # int8 weight + fp32 row scales (SCB)
@@ -142,13 +147,19 @@ def component_weights(
     """Weight bytes of one component's tensors (names starting with `prefix`) under `plan`; also returns the
     quantized layer names."""
     tensors = {n: i for n, i in header.items() if n.startswith(prefix)}
-    linears = which_linears(plan, linear_shapes_from_header(tensors))
+    shapes = linear_shapes_from_header(tensors)
+    linears = which_linears(plan, shapes)
     quant_weights = {f"{name}.weight" for name in linears}
+    group = 128
+    if plan.mode == "awq" and linears:
+        from chatterbox_cli.quant.awq import group_size_for
+
+        group = group_size_for([shapes[n][1] for n in linears])
     q_bytes = 0
     other = 0
     for name, info in tensors.items():
         if name in quant_weights:
-            q_bytes += quantized_linear_nbytes(plan.mode, info.shape[0], info.shape[1])
+            q_bytes += quantized_linear_nbytes(plan.mode, info.shape[0], info.shape[1], group)
         elif info.dtype in ("F64", "F32", "F16", "BF16"):
             other += info.numel * float_bytes
         else:
@@ -275,6 +286,8 @@ class PresetEstimate:
     total_bytes: int
     fits: bool | None
     details: dict[str, object] = field(default_factory=dict)
+    # why the chooser passes this preset over whatever it needs (AWQ without its weights yet), else None
+    missing: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -285,6 +298,7 @@ class PresetEstimate:
             "margin_bytes": self.margin_bytes,
             "total_bytes": self.total_bytes,
             "fits": self.fits,
+            "missing": self.missing,
             "details": self.details,
         }
 
@@ -308,15 +322,18 @@ class EstimateReport:
         return json.dumps(self.to_dict(), indent=indent)
 
 
+def _folder_variant(folder: Path) -> Variant:
+    present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    return variant_of_folder(present) or ENGLISH
+
+
 def read_headers(
     checkpoint_folder: str | Path, variant: Variant | None = None
 ) -> dict[str, dict[str, TensorInfo]]:
     """Tensor shapes of the weight files, by role ("t3", "s3gen", "ve"), for `variant` (None: the one
     whose files the folder holds, English if neither). Reads headers (.safetensors) or maps (.pt)."""
     folder = Path(checkpoint_folder)
-    if variant is None:
-        present = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
-        variant = variant_of_folder(present) or ENGLISH
+    variant = variant or _folder_variant(folder)
     headers = {}
     for role in WEIGHT_ROLES:
         path = folder / variant.file(role)
@@ -443,6 +460,12 @@ def estimate(
             cuda_context_bytes=cuda_context_bytes,
             prepare_voice=prepare_voice,
         )
+    if "awq" in presets:
+        from chatterbox_cli.quant import awq_store
+
+        folder = Path(checkpoint_folder)
+        if awq_store.find(folder, folder / (variant or _folder_variant(folder)).file("t3")) is None:
+            presets["awq"].missing = "no AWQ weights yet (chatterbox quantize --method awq)"
     report = EstimateReport(free_bytes, presets)
     report.chosen, report.reason = choose(report)
     return report
@@ -453,13 +476,13 @@ def _gib(n: int) -> str:
 
 
 def choose(report: EstimateReport) -> tuple[str | None, str]:
-    """The highest-fidelity preset of the report that fits, and a one-line reason."""
+    """The highest-fidelity preset of the report that fits and has what it needs, and a one-line reason."""
     if report.free_bytes is None:
         return None, "no GPU: CPU"
     free = _gib(report.free_bytes)
     for name in preset_names():
         est = report.presets.get(name)
-        if est is not None and est.fits:
+        if est is not None and est.fits and est.missing is None:
             return name, f"{free} free; {name} needs {_gib(est.total_bytes)} → {name}"
     if not report.presets:
         return None, f"{free} free; no preset estimated → CPU"

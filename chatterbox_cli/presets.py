@@ -163,25 +163,27 @@ class Preset:
         return self.unavailable_reason is None
 
 
-_AWQ_REASON = (
-    "AWQ has no usable backend here: autoawq 0.2.9 is deprecated upstream and requires transformers, "
-    "triton, accelerate and datasets (transformers is not allowed at runtime), its CUDA kernels "
-    "(autoawq-kernels) are built for one torch version; gptqmodel 7.7 requires torch>=2.14.1 and "
-    "transformers>=5.20. AWQ also needs "
-    "per-model activation calibration. Use --preset bnb-4bit for 4-bit weights"
-)
-
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset("fp16", "all weights 16-bit (bf16 where the GPU supports it, else fp16)", 3, {}),
+        Preset("fp16", "all weights 16-bit (bf16 where the GPU supports it, else fp16)", 4, {}),
         Preset(
             "bnb-8bit",
             "T3 backbone and S3Gen flow Linears int8 (bitsandbytes Linear8bitLt), the rest 16-bit",
-            2,
+            3,
             {"t3": "int8", "flow": "int8"},
             park_vocoder=True,
             early_tokens=24,
+        ),
+        # Between int8 and nf4: 4-bit weights like nf4 (3 % more bytes), placed by calibration, on torch's
+        # int4 kernels (faster than bitsandbytes' nf4: README, AWQ); the flow stays 16-bit (no bitsandbytes).
+        # An auto candidate only where its weights exist (quant/awq_store.py).
+        Preset(
+            "awq",
+            "T3 backbone Linears 4-bit AWQ (calibrated once per checkpoint), the rest 16-bit",
+            2,
+            {"t3": "awq"},
+            park_vocoder=True,
         ),
         Preset(
             "bnb-4bit",
@@ -190,7 +192,6 @@ PRESETS: dict[str, Preset] = {
             {"t3": "nf4", "flow": "int8"},
             park_vocoder=True,
         ),
-        Preset("awq", "T3 backbone 4-bit AWQ", 1, {"t3": "awq"}, unavailable_reason=_AWQ_REASON),
         Preset(
             "bnb-4bit-swap",
             "as bnb-4bit, with T3 and S3Gen taking turns on the GPU (the idle one waits in host memory)",
@@ -237,10 +238,12 @@ def component_plan(component: Component, mode: Mode) -> ComponentPlan:
     if component not in _COMPONENT_PATTERNS:
         raise UsageError(f"unknown component {component!r}; components: {', '.join(COMPONENTS)}")
     if mode not in MODES:
-        raise UsageError(f"unknown mode {mode!r} for {component}; modes: 16bit, int8, nf4")
-    if mode == "awq":
-        raise UsageError(f"mode 'awq' is not available: {_AWQ_REASON}")
+        raise UsageError(f"unknown mode {mode!r} for {component}; modes: {', '.join(MODES)}")
+    if mode == "awq" and component != "t3":
+        raise UsageError(f"mode 'awq' is for T3 only (it is calibrated on T3's activations), not {component}")
     include, exclude = _COMPONENT_PATTERNS[component]
+    if mode == "awq":  # calibration quantizes every backbone Linear (quant.awq.t3_scale_groups), small or not
+        return ComponentPlan(component, mode, include, exclude, min_params=0)
     return ComponentPlan(component, mode, include, exclude)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -274,13 +275,18 @@ def auto_pick(
     return report.chosen, report.reason, report
 
 
-def next_preset(preset: str) -> str | None:
-    """The next preset down (less memory), for the OOM step-down; None when there is none."""
+def next_preset(preset: str, checkpoint: Checkpoint) -> str | None:
+    """The next preset down (less memory), for the OOM step-down; None when there is none. AWQ counts only
+    where its weights exist: a step-down never starts a calibration."""
+    from chatterbox_cli.quant import awq_store
+
     names = presets.preset_names()
     if preset not in names:
         return None
-    i = names.index(preset)
-    return names[i + 1] if i + 1 < len(names) else None
+    lower = names[names.index(preset) + 1 :]
+    if "awq" in lower and awq_store.find(checkpoint.folder, checkpoint.file("t3")) is None:
+        lower.remove("awq")
+    return lower[0] if lower else None
 
 
 # --- loading ---------------------------------------------------------------------------------------------
@@ -299,18 +305,34 @@ def flow_dtype(decision: Decision) -> torch.dtype:
 
 
 def _load_t3(
-    path: Path, decision: Decision, plan: presets.QuantPlan | None, use_cache: bool, notify: Notify
+    checkpoint: Checkpoint,
+    decision: Decision,
+    plan: presets.QuantPlan | None,
+    use_cache: bool,
+    notify: Notify,
 ) -> tuple[T3, QuantReport | None, str | None]:
     from chatterbox_cli.checkpoint import safetensors_header
     from chatterbox_cli.models.loading import infer_t3_config, load_module_from_safetensors
     from chatterbox_cli.models.t3 import T3
 
+    path = checkpoint.file("t3")
     config = infer_t3_config(safetensors_header(path))
     with torch.device("meta"):
         t3 = T3(config)
     t3.drop_text_head()
     report, cache = None, None
-    if plan is not None and plan["t3"].quantized:
+    if plan is not None and plan["t3"].mode == "awq":
+        from chatterbox_cli.quant import awq_store
+
+        found = awq_store.find(checkpoint.folder, path)
+        awq_file = found or awq_store.ensure(checkpoint, decision.device, use_cache, notify)
+        report = awq_store.load_t3_awq(t3, path, awq_file, decision.device, decision.dtype)
+        kernels = ", ".join(f"{n} on {k}" for k, n in report.by_mode.items() if k != "awq")
+        notify(f"AWQ T3: {report.quantized_layers} layers ({kernels}) from {awq_file}")
+        cache = "off" if not use_cache and found is None else "hit" if found is not None else "miss"
+        if found is None and not use_cache:
+            shutil.rmtree(awq_file.parent, ignore_errors=True)
+    elif plan is not None and plan["t3"].quantized:
         from chatterbox_cli.quant.cache import load_quantized_cached
 
         done = load_quantized_cached(
@@ -367,7 +389,7 @@ def load_decided(
     turns = Turns(decision.device) if takes_turns(decision) else None
     if turns is not None:
         turns.add("s3gen", s3gen)  # to host memory, before T3 loads: the GPU never holds both
-    t3, t3_report, t3_cache = _load_t3(checkpoint.file("t3"), decision, plan, use_cache, notify)
+    t3, t3_report, t3_cache = _load_t3(checkpoint, decision, plan, use_cache, notify)
     if checkpoint.variant.alignment_guard:
         from chatterbox_cli.models.alignment import alignment_heads
 
@@ -708,7 +730,7 @@ class ModelHolder:
         request, current = self.request, self.decision
         if not request.fallback or request.preset != "auto" or current.preset == CPU_PRESET:
             return None
-        lower = next_preset(current.preset)
+        lower = next_preset(current.preset, self.checkpoint)
         if lower is not None:
             reason = f"stepped down to {lower} after running out of GPU memory"
             return Decision(current.device, lower, current.dtype, reason, current.free_bytes, None)

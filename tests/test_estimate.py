@@ -55,11 +55,11 @@ def test_json_schema_is_exact(official: tuple[Path, dict]) -> None:
     data = json.loads(report.to_json())
     assert set(data) == {"free_bytes", "presets", "chosen", "reason"}
     assert data["free_bytes"] == 3 * GiB
-    assert set(data["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"}
+    assert set(data["presets"]) == {"fp16", "bnb-8bit", "awq", "bnb-4bit", "bnb-4bit-swap"}
     for entry in data["presets"].values():
         assert set(entry) == {
             "components", "kv_cache_bytes", "workspace_bytes", "cuda_context_bytes", "margin_bytes",
-            "total_bytes", "fits", "details",
+            "total_bytes", "fits", "missing", "details",
         }  # fmt: skip
         assert set(entry["components"]) == {"t3", "s3gen", "voice_encoder"}
         for comp in entry["components"].values():
@@ -140,11 +140,14 @@ def test_total_is_the_sum_of_its_parts(official: tuple[Path, dict]) -> None:
 def test_chooser_picks_highest_fidelity_that_fits(official: tuple[Path, dict]) -> None:
     folder, _ = official
     totals = {p: e.total_bytes for p, e in est.estimate(folder, "all").presets.items()}
-    assert totals["fp16"] > totals["bnb-8bit"] > totals["bnb-4bit"] > totals["bnb-4bit-swap"]
+    assert totals["fp16"] > totals["bnb-8bit"] > totals["awq"] > totals["bnb-4bit"] > totals["bnb-4bit-swap"]
     r = est.estimate(folder, "all", free_bytes=totals["fp16"])
     assert r.chosen == "fp16" and r.reason.startswith(f"{totals['fp16'] / GiB:.1f} GiB free; fp16 needs")
     assert r.reason.endswith("→ fp16")
     assert est.estimate(folder, "all", free_bytes=totals["fp16"] - 1).chosen == "bnb-8bit"
+    # AWQ fits here but has no weights for this checkpoint yet: the chooser passes over it
+    no_awq = est.estimate(folder, "all", free_bytes=totals["awq"])
+    assert no_awq.chosen == "bnb-4bit" and "quantize --method awq" in str(no_awq.presets["awq"].missing)
     assert est.estimate(folder, "all", free_bytes=totals["bnb-4bit"]).chosen == "bnb-4bit"
     split = est.estimate(folder, "all", free_bytes=totals["bnb-4bit"] - 1)
     assert split.chosen == "bnb-4bit-swap"
@@ -156,9 +159,31 @@ def test_chooser_picks_highest_fidelity_that_fits(official: tuple[Path, dict]) -
     assert all(e.fits is None for e in cpu.presets.values())
 
 
+def test_awq_is_chosen_once_its_weights_exist(official: tuple[Path, dict], tmp_path: Path) -> None:
+    folder = tmp_path / "with-awq"
+    folder.mkdir()
+    for f in official[0].iterdir():
+        (folder / f.name).symlink_to(f)
+    totals = {p: e.total_bytes for p, e in est.estimate(folder, "all").presets.items()}
+    (folder / "t3_awq.safetensors").write_bytes(b"")  # where `quantize -o` puts them; only found, not read
+    report = est.estimate(folder, "all", free_bytes=totals["awq"])
+    assert report.chosen == "awq" and report.presets["awq"].missing is None
+    assert est.estimate(folder, "all", free_bytes=totals["awq"] - 1).chosen == "bnb-4bit"
+
+
+def test_awq_bytes_are_the_kernels_layout(official: tuple[Path, dict]) -> None:
+    parts = est.estimate(official[0], "awq").presets["awq"].details["parts"]
+    nf4 = est.estimate(official[0], "bnb-4bit").presets["bnb-4bit"].details["parts"]
+    awq_bytes, nf4_bytes = parts["t3"]["quantized_linear_bytes"], nf4["t3"]["quantized_linear_bytes"]
+    # 30 layers of 4 [1024, 1024] and 3 [4096, 1024]-sized Linears: 4 bits a weight, and 4 bytes (bf16 scale
+    # and offset) per group of 128 inputs and output
+    weights = 30 * (4 * 1024 * 1024 + 3 * 4096 * 1024)
+    assert awq_bytes == weights // 2 + 4 * weights // 128
+    assert 1.0 < awq_bytes / nf4_bytes < 1.1
+    assert parts["flow"]["mode"] == "16bit" and parts["t3"]["quantized_layers"] == 210
+
+
 def test_usage_and_checkpoint_errors(official: tuple[Path, dict], tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="awq"):
-        est.estimate(official[0], "awq")
     with pytest.raises(UsageError):
         est.estimate(official[0], "fp16", max_tokens=0)
     with pytest.raises(CheckpointError, match="t3_cfg.safetensors is missing"):

@@ -21,6 +21,7 @@ PRESET_KEYS = {
     "margin_bytes",
     "total_bytes",
     "fits",
+    "missing",
     "details",
 }
 
@@ -57,7 +58,7 @@ def test_json_schema_without_a_gpu(
     doc = json.loads(out)
     assert set(doc) == {"free_bytes", "presets", "chosen", "reason"}
     assert doc["free_bytes"] is None and doc["chosen"] is None
-    assert set(doc["presets"]) == {"fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"}
+    assert set(doc["presets"]) == {"fp16", "bnb-8bit", "awq", "bnb-4bit", "bnb-4bit-swap"}
     for preset in doc["presets"].values():
         assert set(preset) == PRESET_KEYS and preset["fits"] is None
         assert set(preset["components"]) == {"t3", "s3gen", "voice_encoder"}
@@ -97,7 +98,8 @@ def test_plain_table(estimate_cli: Callable[..., tuple[int, str, str]]) -> None:
     code, out, _ = estimate_cli("--device", "cpu")
     lines = out.splitlines()
     assert code == 0 and lines[0].split()[:3] == ["preset", "T3", "S3Gen"]
-    assert [line.split()[0] for line in lines[1:4]] == ["fp16", "bnb-8bit", "bnb-4bit"]
+    assert [line.split()[0] for line in lines[1:5]] == ["fp16", "bnb-8bit", "awq", "bnb-4bit"]
+    assert "awq: no AWQ weights yet (chatterbox quantize --method awq)" in lines
     assert "no NVIDIA GPU found" in lines[-1] and "\x1b[" not in out
 
 

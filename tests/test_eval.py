@@ -185,4 +185,4 @@ def test_a_preset_the_device_cannot_run_is_a_usage_error_or_skipped(
     with pytest.raises(UsageError, match=r"--preset bnb-8bit cannot run on cpu: .*no kernels"):
         check_runs("bnb-8bit", cpu)
     tested, skipped = presets_under_test("all", "fp32", cpu)
-    assert "fp16" in tested and {"bnb-8bit", "bnb-4bit", "bnb-4bit-swap"} <= set(skipped)
+    assert {"fp16", "awq"} <= set(tested) and {"bnb-8bit", "bnb-4bit", "bnb-4bit-swap"} <= set(skipped)

@@ -38,10 +38,11 @@ def header_of(tensors: dict[str, list]) -> dict[str, TensorInfo]:
 
 
 def test_preset_order_and_modes() -> None:
-    assert preset_names() == ["fp16", "bnb-8bit", "bnb-4bit", "bnb-4bit-swap"]
+    assert preset_names() == ["fp16", "bnb-8bit", "awq", "bnb-4bit", "bnb-4bit-swap"]
     expected = {
         "fp16": {},
         "bnb-8bit": {"t3": "int8", "flow": "int8"},
+        "awq": {"t3": "awq"},
         "bnb-4bit": {"t3": "nf4", "flow": "int8"},
         "bnb-4bit-swap": {"t3": "nf4", "flow": "int8"},  # T3 and S3Gen take turns on the GPU
     }
@@ -52,13 +53,15 @@ def test_preset_order_and_modes() -> None:
             assert plan[comp].mode == quantized.get(comp, "16bit"), (preset, comp)
 
 
-def test_awq_is_defined_but_selecting_it_is_a_usage_error() -> None:
-    assert "awq" in PRESETS and not PRESETS["awq"].available
-    assert "awq" not in preset_names()
-    with pytest.raises(UsageError, match="not available.*transformers"):
-        plan_for("awq")
-    with pytest.raises(UsageError, match="not available"):
-        plan_for("fp16", {"t3": "awq"})
+def test_awq_is_for_t3_only_and_takes_every_backbone_linear(inventory: dict) -> None:
+    assert PRESETS["awq"].available
+    assert plan_for("fp16", {"t3": "awq"})["t3"].mode == "awq"
+    with pytest.raises(UsageError, match="T3 only"):
+        plan_for("fp16", {"flow": "awq"})
+    shapes = linear_shapes_from_header(header_of(inventory["t3_cfg.safetensors"]))
+    # the same layers as nf4 on the official checkpoint: 30 layers x q, k, v, o, gate, up, down
+    assert which_linears(plan_for("awq")["t3"], shapes) == which_linears(plan_for("bnb-4bit")["t3"], shapes)
+    assert len(which_linears(plan_for("awq")["t3"], shapes)) == 210
 
 
 def test_unknown_names_are_usage_errors() -> None:

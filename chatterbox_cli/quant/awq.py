@@ -37,7 +37,7 @@ import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -72,8 +72,8 @@ class AwqConfig:
     alpha_grid: tuple[float, ...] = tuple(i / 19 for i in range(20))  # 20 points in [0, 1]
     clip_grid: tuple[float, ...] = tuple(1 - i / 40 for i in range(21))  # max/min shrunk to 100 % ... 50 %
     # q and k feed a softmax through their dot products, which a per-row output MSE does not measure;
-    # their ranges are not clipped.
-    no_clip: tuple[str, ...] = ("q_proj", "k_proj")
+    # their ranges are not clipped (GPT-2's c_attn holds q, k and v in one weight).
+    no_clip: tuple[str, ...] = ("q_proj", "k_proj", "c_attn")
     sample_rows: int = 512  # input rows kept per group for the searches
     seed: int = 0
 
@@ -288,9 +288,10 @@ class Calibration:
 @dataclass(frozen=True)
 class ScaleGroup:
     """Linears that read the same input, and the module that makes it (a norm, or a Linear whose output
-    rows are that input's channels)."""
+    rows are that input's channels); None where nothing linear makes it (GPT-2's GELU before its MLP's
+    c_proj, its attention's c_proj behind a fused q|k|v): then no scales, only the clip search."""
 
-    prev: str
+    prev: str | None
     linears: tuple[str, ...]
 
     @property
@@ -321,9 +322,24 @@ def llama_scale_groups(backbone: nn.Module, prefix: str) -> list[ScaleGroup]:
     return groups
 
 
+def gpt2_scale_groups(backbone: nn.Module, prefix: str) -> list[ScaleGroup]:
+    """Each GPT-2 block of `backbone`: ln_1 -> c_attn and ln_2 -> c_fc are scaled; attn.c_proj (its v rows
+    live inside the fused c_attn, beside q and k) and mlp.c_proj (after a GELU) are only clipped."""
+    groups = []
+    for i in range(len(backbone.h)):
+        p = f"{prefix}h.{i}."
+        groups += [
+            ScaleGroup(p + "ln_1", (p + "attn.c_attn",)),
+            ScaleGroup(None, (p + "attn.c_proj",)),
+            ScaleGroup(p + "ln_2", (p + "mlp.c_fc",)),
+            ScaleGroup(None, (p + "mlp.c_proj",)),
+        ]
+    return groups
+
+
 def t3_scale_groups(t3: T3) -> list[ScaleGroup]:
-    if t3.config.backbone != "llama":
-        raise ValueError(f"AWQ scale groups are defined for the Llama backbone, not {t3.config.backbone!r}")
+    if t3.config.backbone == "gpt2":
+        return gpt2_scale_groups(t3.tfmr, "tfmr.")
     return llama_scale_groups(t3.tfmr, "tfmr.")
 
 
@@ -331,6 +347,8 @@ def t3_scale_groups(t3: T3) -> list[ScaleGroup]:
 def fold_scales(module: nn.Module, group: ScaleGroup, s: Tensor) -> None:
     """Divide what produces the group's input by s (a norm's weight and bias, or a Linear's output rows)
     and multiply the group's Linears' input columns by s: the float function is unchanged."""
+    if group.prev is None:
+        return
     prev = module.get_submodule(group.prev)
     rows = isinstance(prev, nn.Linear)
     for p in (prev.weight, getattr(prev, "bias", None)):
@@ -419,18 +437,14 @@ def t3_calibration_run(
     its speech tokens, with the unconditional CFG row as decoding has it (`cfg`). Speech tokens not given
     are decoded here first (with T3's default sampling, seeded), outside the recording."""
     texts = [torch.atleast_2d(t).to(t3.device) for t in text_tokens]
-    if speech_tokens is None:
-        speech_tokens = [
-            t3.generate(
-                t,
-                cond,
-                max_new_tokens=max_new_tokens,
-                cfg_weight=0.5 if cfg else 0.0,
-                generator=torch.Generator(t3.device).manual_seed(seed + i),
-                cuda_graph=False,
-            )
-            for i, t in enumerate(texts)
-        ]
+    if speech_tokens is None:  # all texts at once, each with its own seeded generator
+        speech_tokens = t3.generate_batch(
+            texts,
+            cond,
+            max_new_tokens=max_new_tokens,
+            cfg_weight=0.5 if cfg else 0.0,
+            generators=[torch.Generator(t3.device).manual_seed(seed + i) for i in range(len(texts))],
+        )
     start = t3.config.start_speech_token
     speech = [
         torch.cat((torch.tensor([start]), s.reshape(-1).cpu())).to(t3.device)[None] for s in speech_tokens
@@ -451,7 +465,9 @@ def search_and_fold(
     for group in groups:
         stats = calibration[group.source]
         weights = [module.get_submodule(n).weight for n in group.linears]
-        searches.append((group, search_scales(stats.mean_abs, stats.rows, weights, config)))
+        grid = config.alpha_grid if group.prev is not None else (0.0,)  # alpha 0: s = 1, nothing to fold
+        search = search_scales(stats.mean_abs, stats.rows, weights, replace(config, alpha_grid=grid))
+        searches.append((group, search))
     for group, search in searches:
         fold_scales(module, group, search.scales)
     return searches
@@ -482,16 +498,17 @@ def quantize_linears(
 def quantize_t3(t3: T3, calibration: Calibration, config: AwqConfig) -> dict[str, dict[str, Tensor]]:
     """AWQ-quantize T3's backbone Linears, folding the scales into `t3` in place (use float32 weights).
 
-    Returns name -> tensors: each quantized Linear's AWQ GEMM tensors, and `{"weight": ...}` of each
-    norm whose weight the scales changed (v and up are quantized; their folded rows live in their packed
-    tensors). `calibration` must hold the inputs of every group's source (see `calibrate`)."""
+    Returns name -> tensors: each quantized Linear's AWQ GEMM tensors, and the `weight` (and `bias`) of
+    each norm the scales changed (v and up are quantized; their folded rows live in their packed tensors).
+    `calibration` must hold the inputs of every group's source (see `calibrate`)."""
     groups = t3_scale_groups(t3)
     searches = search_and_fold(t3, groups, calibration, config)
     packed = quantize_linears(t3, searches, calibration, config)
     for group, _ in searches:
-        prev = t3.get_submodule(group.prev)
-        if not isinstance(prev, nn.Linear):
-            packed[group.prev] = {"weight": prev.weight.detach().float().cpu().clone()}
+        prev = t3.get_submodule(group.prev) if group.prev is not None else None
+        if prev is not None and not isinstance(prev, nn.Linear):
+            params = {k: v for k, v in prev.named_parameters(recurse=False) if v is not None}
+            packed[group.prev] = {k: v.detach().float().cpu().clone() for k, v in params.items()}  # type: ignore[index]
     return packed
 
 
@@ -614,9 +631,11 @@ def apply_awq(
             setattr(parent, attr, AwqLinear.from_packed(tensors, device, kernel))
             replaced.append(name)
         else:
+            norm = getattr(parent, attr)
             with torch.no_grad():
-                target = getattr(parent, attr).weight
-                target.copy_(tensors["weight"].to(target.dtype))
+                for key, value in tensors.items():
+                    target = getattr(norm, key)
+                    target.copy_(value.to(target.dtype))
     return sorted(replaced)
 
 
@@ -634,9 +653,12 @@ def save_awq(
     packed: Mapping[str, Mapping[str, Tensor]],
     config: AwqConfig,
     metadata: Mapping[str, str] | None = None,
+    *,
+    config_beside: bool = True,
 ) -> Path:
     """Write `<name>.<key>` tensors to a safetensors file (atomically), the quantization config in its
-    metadata and in quantization_config.json beside it. `metadata`: extra strings (calibration, source)."""
+    metadata and (`config_beside`) in quantization_config.json beside it. `metadata`: extra strings
+    (calibration, source)."""
     from chatterbox_cli.checkpoint import write_safetensors_atomic
 
     path = Path(path)
@@ -649,7 +671,8 @@ def save_awq(
         "quantization_config": quant_config,
     }
     write_safetensors_atomic(tensors, path, meta)
-    (path.parent / CONFIG_FILE).write_text(quant_config + "\n", encoding="utf-8")
+    if config_beside:
+        (path.parent / CONFIG_FILE).write_text(quant_config + "\n", encoding="utf-8")
     return path
 
 
@@ -686,3 +709,20 @@ def awq_linear_nbytes(out_features: int, in_features: int, group: int = 128) -> 
     group of `group` inputs and output."""
     groups = in_features // group
     return out_features * in_features // 2 + groups * out_features // 2 + 2 * groups * out_features
+
+
+def runtime_nbytes(out_features: int, in_features: int, group: int = 128) -> int:
+    """Bytes of one AwqLinear on the device (bias excluded): 4-bit weights and, per group of `group` inputs
+    and output, a bf16 scale and offset (4 bytes, the int4pack kernels; dequant-matmul holds 3, an fp16
+    scale and a uint8 zero point: the larger is counted, whichever kernel runs)."""
+    return out_features * in_features // 2 + 4 * (in_features // group) * out_features
+
+
+def group_size_for(in_features: Sequence[int], preferred: int = 128) -> int:
+    """The largest group size, at most `preferred`, that the kernels take and that divides every width."""
+    for group in sorted((g for g in TINYGEMM_GROUPS if g <= preferred), reverse=True):
+        if all(n % group == 0 for n in in_features):
+            return group
+    raise ValueError(
+        f"no AWQ group size in {TINYGEMM_GROUPS} divides the input widths {sorted(set(in_features))}"
+    )
