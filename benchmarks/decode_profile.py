@@ -3,7 +3,8 @@
 For each variant (fp16, full-size random weights, loaded through the service as `synthesize` loads it, with
 its own generation defaults): the kernels of one eager decode step from the torch profiler (count and GPU
 microseconds per step, by kernel name, and their sum), the sampling alone (one captured graph of
-choose_next_token on one row of logits), and tokens/s with CUDA graphs at batch 1. Then, for Turbo, the
+choose_next_token on one row of logits, and the same over the whole vocabulary without the top_k
+shortcut), and tokens/s with CUDA graphs at batch 1. Then, for Turbo, the
 same tokens/s with each candidate in --candidates applied (the candidates are defined here, as patches, so
 one process compares them side by side; a winner moves into the model code):
 
@@ -36,7 +37,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from chatterbox_cli import service  # noqa: E402
 from chatterbox_cli.models import t3 as t3_module  # noqa: E402
-from chatterbox_cli.models.sampling import choose_next_token  # noqa: E402
+from chatterbox_cli.models.sampling import (  # noqa: E402
+    choose_next_token,
+    process_logits,
+    sample_from_logits,
+)
 from chatterbox_cli.pipeline import SynthesisSettings, text_tokens  # noqa: E402
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
 from chatterbox_cli.variants import VARIANTS  # noqa: E402
@@ -104,7 +109,12 @@ def _kernels(step: Callable[[], None]) -> dict[str, object]:
     }
 
 
-def _sampling_us(model: service.LoadedModel, sampling: object) -> float:
+def _whole_vocabulary(logits: torch.Tensor, seen: torch.Tensor, sampling: object, gens: object) -> object:
+    """choose_next_token without its top_k shortcut: every processor over the whole vocabulary."""
+    return sample_from_logits(process_logits(logits, seen, sampling), gens)  # type: ignore[arg-type]
+
+
+def _sampling_us(model: service.LoadedModel, sampling: object, choose: Callable[..., object]) -> float:
     vocab = model.t3.config.speech_vocab_size
     logits = torch.randn(1, vocab, device="cuda") * 3
     seen = torch.zeros(1, vocab, dtype=torch.bool, device="cuda")
@@ -112,12 +122,12 @@ def _sampling_us(model: service.LoadedModel, sampling: object) -> float:
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        choose_next_token(logits, seen, sampling, [gen])  # type: ignore[arg-type]
+        choose(logits, seen, sampling, [gen])
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     graph.register_generator_state(gen)
     with torch.cuda.graph(graph):
-        choose_next_token(logits, seen, sampling, [gen])  # type: ignore[arg-type]
+        choose(logits, seen, sampling, [gen])
     for _ in range(10):
         graph.replay()
     torch.cuda.synchronize()
@@ -161,7 +171,10 @@ def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> d
         "variant": variant,
         "layers": model.t3.config.n_layers,
         "eager_step": _kernels(decoding.step.advance),
-        "sampling_graph_us": _sampling_us(model, sampling),
+        "sampling_graph_us": {
+            "ours": _sampling_us(model, sampling, choose_next_token),
+            "whole_vocabulary": _sampling_us(model, sampling, _whole_vocabulary),
+        },
         "tokens_per_s": {},
     }
     for name in candidates if variant == "turbo" else ["baseline"]:

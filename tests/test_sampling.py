@@ -252,3 +252,39 @@ def test_seeded_decoding_with_a_sharpened_speech_head_follows_the_reference_loop
             generator=torch.Generator().manual_seed(seed),
         )  # fmt: skip
         assert got.tolist() == expected, seed
+
+
+TOP_K_SETTINGS = [
+    SamplingSettings(0.8, 0.0, 0.95, 1.2, top_k=1000, penalty_last=True),  # Turbo's defaults
+    SamplingSettings(0.8, 0.05, 1.0, 1.2, top_k=50),
+    SamplingSettings(1.2, 0.02, 0.9, 1.5, top_k=200),
+    SamplingSettings(0.6, 0.0, 0.8, 1.0, top_k=7, penalty_last=True),
+]
+
+
+@pytest.mark.parametrize(
+    "settings", TOP_K_SETTINGS, ids=lambda s: f"k{s.top_k}-p{s.top_p}-last{s.penalty_last}"
+)
+def test_top_k_candidates_choose_what_the_whole_vocabulary_chooses(settings: SamplingSettings) -> None:
+    """choose_next_token's top_k path (the candidates only) against the whole-vocabulary processors and
+    sample_from_logits with the same generators: the same token in every row. Row 0 has 40 tokens tied
+    with the k-th logit, which both keep. (Tokens tied exactly where top_p cuts are the one case where the
+    two may drop different ones: which one goes depends on a sort's order of ties, in the reference too;
+    float32 logits tie there with probability about 0.)"""
+    from chatterbox_cli.models.sampling import choose_among_top_k
+
+    gen = torch.Generator().manual_seed(1)
+    rows, vocab = 64, 6563
+    scale = torch.tensor([1.0, 3.0, 6.0, 12.0])[torch.arange(rows) % 4, None]
+    logits = torch.randn(rows, vocab, generator=gen) * scale
+    logits[0, :40] = logits[0].topk(settings.top_k).values[-1]
+    seen = torch.rand(rows, vocab, generator=gen) < 0.02
+    whole = process_logits(logits, seen, settings)
+    assert (torch.isfinite(whole).sum(-1) < vocab).all()  # the filters cut something in every row
+    # with top_p < 1, top_p cuts inside row 0's tie: that row is the documented exception
+    first = 0 if settings.top_p == 1.0 else 1
+    for seed in range(3):
+        gens = [torch.Generator().manual_seed(100 * seed + r) for r in range(rows)]
+        expected = sample_from_logits(whole, gens)
+        gens = [torch.Generator().manual_seed(100 * seed + r) for r in range(rows)]
+        assert torch.equal(choose_among_top_k(logits, seen, settings, gens)[first:], expected[first:])
