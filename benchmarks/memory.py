@@ -69,7 +69,8 @@ def ensure_checkpoint(folder: Path, size: str) -> dict:
 
 
 def make_plan(preset: str, min_params: int | None):
-    from chatterbox_cli.presets import QuantPlan, plan_for
+    from chatterbox_cli.presets import plan_for
+    from chatterbox_cli.quant.plan import QuantPlan
 
     plan = plan_for(preset)
     if min_params is None:
@@ -343,8 +344,8 @@ def run_one(args: argparse.Namespace) -> dict:
 def layer_errors(device_name: str) -> dict:
     import torch
 
-    from chatterbox_cli.presets import ComponentPlan
     from chatterbox_cli.quant.bnb import make_quantized_linear, require_bitsandbytes
+    from chatterbox_cli.quant.plan import ComponentPlan
 
     torch.set_grad_enabled(False)
     device = torch.device(device_name)

@@ -1,8 +1,9 @@
 """GPU memory a preset needs, from the checkpoint's safetensors headers alone (no weights are read).
 
 total = weights + KV cache + workspace + CUDA context + margin, where
-  weights     per tensor: quantized Linears at exactly what bitsandbytes allocates (see
-              `quantized_linear_nbytes`), every other float tensor at 2 bytes (16-bit), integers as stored;
+  weights     per tensor: quantized Linears at exactly what their kernels hold (see
+              quant.plan.quantized_linear_nbytes), every other float tensor at 2 bytes (16-bit),
+              integers as stored;
   KV cache    T3's preallocated keys and values for prompt + max_tokens positions, 2 rows per utterance with
               CFG, 16-bit;
   workspace   the activation peak on top of weights and KV cache. T3 and S3Gen run one after the other and
@@ -16,25 +17,20 @@ Activation constants are marked with their calibration status; see benchmarks/me
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from chatterbox_cli.checkpoint import DTYPE_BYTES, TensorInfo, tensor_infos
 from chatterbox_cli.errors import CheckpointError, UsageError
-from chatterbox_cli.presets import (
+from chatterbox_cli.presets import EARLY_TOKENS, plan_for, preset_names, preset_of
+from chatterbox_cli.quant.plan import (
     COMPONENT_SOURCES,
-    EARLY_TOKENS,
-    NF4_BLOCKSIZE,
-    NF4_NESTED_BLOCKSIZE,
     Component,
     ComponentPlan,
     QuantPlan,
     linear_shapes_from_header,
-    plan_for,
-    preset_names,
-    preset_of,
+    quantized_linear_nbytes,
     which_linears,
 )
 from chatterbox_cli.variants import ENGLISH, Variant, variant_of_folder
@@ -104,31 +100,6 @@ _REPORT_PARTS: dict[str, tuple[Component, ...]] = {
     "voice_encoder": ("voice_encoder", "s3tokenizer", "speaker_encoder"),
 }
 WEIGHT_ROLES = ("t3", "s3gen", "ve")  # the variant files whose tensor shapes the estimate reads
-
-
-def quantized_linear_nbytes(mode: str, out_features: int, in_features: int, awq_group: int = 128) -> int:
-    """Bytes one quantized Linear's weight and quantization state take on the device (bias excluded: it
-    stays a 16-bit tensor): bitsandbytes 0.50.2's int8 and nf4 (checked against real layers in
-    tests/test_quantize.py), AWQ's with groups of `awq_group` inputs (quant.awq.runtime_nbytes)."""
-    if mode == "awq":
-        from chatterbox_cli.quant.awq import runtime_nbytes
-
-        return runtime_nbytes(out_features, in_features, awq_group)
-    n = out_features * in_features
-    if mode == "int8":
-        return n + 4 * out_features  # int8 weight + fp32 row scales (SCB)
-    if mode == "nf4":
-        blocks = math.ceil(n / NF4_BLOCKSIZE)
-        nested_blocks = math.ceil(blocks / NF4_NESTED_BLOCKSIZE)
-        return (
-            math.ceil(n / 2)  # two 4-bit codes per byte
-            + blocks  # absmax per block, itself quantized to 8 bits (double quant)
-            + 4 * nested_blocks  # fp32 absmax of the absmax
-            + 4 * 256  # fp32 code book of the 8-bit absmax
-            + 4 * 16  # fp32 nf4 code book
-            + 4  # fp32 offset (mean of the absmax, subtracted before its quantization)
-        )
-    raise ValueError(f"no quantized size for mode {mode!r}")
 
 
 @dataclass

@@ -34,8 +34,9 @@ def estimate_report(request: LoadRequest, preset: str | None) -> EstimateReport:
     """`chatterbox estimate`: resolve the checkpoint (headers only), read NVML's free memory, estimate
     `preset` (None: every available preset) and say which preset `--preset auto` would pick."""
     from chatterbox_cli import estimate, presets, service, vram
+    from chatterbox_cli.quant.plan import parse_plan_spec
 
-    overrides = presets.parse_plan_spec(request.plan) if request.plan else None
+    overrides = parse_plan_spec(request.plan) if request.plan else None
     if preset is not None:
         presets.get_preset(preset)  # unknown or unavailable presets are usage errors
     checkpoint = service.resolve(request)

@@ -37,6 +37,7 @@ from chatterbox_cli.checkpoint import (  # noqa: E402
     validate,
 )
 from chatterbox_cli.errors import ChatterboxError, OutOfMemoryError, UsageError  # noqa: E402
+from chatterbox_cli.quant.plan import QuantPlan, parse_plan_spec  # noqa: E402
 from chatterbox_cli.turns import Turns  # noqa: E402
 from chatterbox_cli.variants import Variant, get_variant  # noqa: E402
 
@@ -190,7 +191,7 @@ def cfg_weight(request: LoadRequest, variant: Variant) -> float:
 
 
 def _overrides(request: LoadRequest) -> dict[str, str] | None:
-    return presets.parse_plan_spec(request.plan) if request.plan else None
+    return parse_plan_spec(request.plan) if request.plan else None
 
 
 def _estimate(
@@ -307,7 +308,7 @@ def flow_dtype(decision: Decision) -> torch.dtype:
 def _load_t3(
     checkpoint: Checkpoint,
     decision: Decision,
-    plan: presets.QuantPlan | None,
+    plan: QuantPlan | None,
     use_cache: bool,
     notify: Notify,
 ) -> tuple[T3, QuantReport | None, str | None]:
@@ -348,7 +349,7 @@ def _load_t3(
 
 
 def _load_s3gen(
-    path: Path, decision: Decision, plan: presets.QuantPlan | None, use_cache: bool, notify: Notify
+    path: Path, decision: Decision, plan: QuantPlan | None, use_cache: bool, notify: Notify
 ) -> tuple[S3Gen, QuantReport | None, str | None]:
     from chatterbox_cli.models.s3gen import S3Gen
 

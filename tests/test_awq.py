@@ -12,12 +12,12 @@ import torch
 from torch import nn
 
 from chatterbox_cli import service
-from chatterbox_cli.estimate import quantized_linear_nbytes
 from chatterbox_cli.models.conds import T3Cond
 from chatterbox_cli.models.loading import load_t3
 from chatterbox_cli.models.t3 import T3, T3Config
 from chatterbox_cli.pipeline import text_tokens
 from chatterbox_cli.quant import awq
+from chatterbox_cli.quant.plan import quantized_linear_nbytes
 
 TINY_GROUP = 32  # the tiny T3 is 64 wide: groups of 32 (the kernels take 32, 64, 128, 256)
 U_BF16 = 2.0**-9  # unit roundoff of bf16 (8 significant bits)

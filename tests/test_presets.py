@@ -13,14 +13,12 @@ import pytest
 
 from chatterbox_cli.checkpoint import TensorInfo
 from chatterbox_cli.errors import UsageError
-from chatterbox_cli.presets import (
+from chatterbox_cli.presets import PRESETS, plan_for, preset_names
+from chatterbox_cli.quant.plan import (
     COMPONENT_SOURCES,
     COMPONENTS,
-    PRESETS,
     linear_shapes_from_header,
     parse_plan_spec,
-    plan_for,
-    preset_names,
     which_linears,
 )
 from chatterbox_cli.variants import ENGLISH

@@ -20,10 +20,11 @@ from chatterbox_cli.checkpoint import safetensors_header
 from chatterbox_cli.cli import run
 from chatterbox_cli.models.loading import infer_t3_config
 from chatterbox_cli.models.t3 import T3
-from chatterbox_cli.presets import ComponentPlan, plan_for
+from chatterbox_cli.presets import plan_for
 from chatterbox_cli.quant import cache as quant_cache
 from chatterbox_cli.quant.bnb import planned_layers
 from chatterbox_cli.quant.cache import CachedQuantization, cache_key, cache_root, load_quantized_cached
+from chatterbox_cli.quant.plan import ComponentPlan
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint
 
 pytest.importorskip("bitsandbytes")
@@ -104,7 +105,7 @@ def test_key_changes_with_the_checkpoint_file_and_the_plan(checkpoint: Path) -> 
     path = checkpoint / "t3_cfg.safetensors"
     with torch.device("meta"):
         t3 = T3(infer_t3_config(safetensors_header(path)))
-    from chatterbox_cli.presets import linear_shapes_from_module
+    from chatterbox_cli.quant.plan import linear_shapes_from_module
 
     shapes = linear_shapes_from_module(t3)
     int8, nf4 = t3_plan("int8"), t3_plan("nf4")

@@ -13,13 +13,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from chatterbox_cli.checkpoint import safetensors_header
-from chatterbox_cli.estimate import component_weights, quantized_linear_nbytes
-from chatterbox_cli.presets import (
-    ComponentPlan,
-    linear_shapes_from_header,
-    linear_shapes_from_module,
-    plan_for,
-)
+from chatterbox_cli.estimate import component_weights
+from chatterbox_cli.presets import plan_for
 from chatterbox_cli.quant.bnb import (
     QuantizationError,
     load_quantized,
@@ -27,6 +22,12 @@ from chatterbox_cli.quant.bnb import (
     quantize_module,
     require_bitsandbytes,
     verify_quantized,
+)
+from chatterbox_cli.quant.plan import (
+    ComponentPlan,
+    linear_shapes_from_header,
+    linear_shapes_from_module,
+    quantized_linear_nbytes,
 )
 
 bnb = pytest.importorskip("bitsandbytes")

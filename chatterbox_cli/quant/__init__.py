@@ -1,2 +1,3 @@
-"""Weight quantization, one home: bitsandbytes (`bnb`), AWQ (`awq`) and the disk cache of quantized weights
-(`cache`). Which layers a preset quantizes, and the bytes each takes, are in presets.py and estimate.py."""
+"""Weight quantization, one home: which layers a plan quantizes and the bytes each takes (`plan`),
+bitsandbytes (`bnb`), AWQ (`awq`: calibration, layout, kernels; `awq_store`: where a checkpoint's AWQ
+weights come from) and the disk cache of quantized weights (`cache`)."""

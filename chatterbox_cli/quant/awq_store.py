@@ -41,7 +41,7 @@ def t3_linears(header: dict) -> dict[str, tuple[int, int]]:
     """The T3 backbone Linears AWQ quantizes, with their (out, in) shapes as loaded (the presets' T3 plan
     applied to the header)."""
     from chatterbox_cli.estimate import t3_as_loaded
-    from chatterbox_cli.presets import component_plan, linear_shapes_from_header, which_linears
+    from chatterbox_cli.quant.plan import component_plan, linear_shapes_from_header, which_linears
 
     shapes = linear_shapes_from_header(t3_as_loaded(header))
     return {name: shapes[name] for name in which_linears(component_plan("t3", "awq"), shapes)}
@@ -142,10 +142,10 @@ def load_t3_awq(
     """Fill T3 built on `meta` (text head dropped): its backbone Linears become AwqLinears from `awq_file`
     on `device`, the rest comes from `t3_file` in `dtype`, then the norms the scales were folded into take
     their AWQ values."""
-    from chatterbox_cli.models.loading import load_module_from_safetensors
-    from chatterbox_cli.presets import component_plan, linear_shapes_from_module, which_linears
-
     from safetensors import SafetensorError
+
+    from chatterbox_cli.models.loading import load_module_from_safetensors
+    from chatterbox_cli.quant.plan import component_plan, linear_shapes_from_module, which_linears
 
     try:
         stored = awq.load_awq(awq_file)

@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from chatterbox_cli.errors import ChatterboxError, CheckpointError, ExitCode
-from chatterbox_cli.estimate import quantized_linear_nbytes
-from chatterbox_cli.presets import (
+from chatterbox_cli.quant.plan import (
     NF4_BLOCKSIZE,
     ComponentPlan,
     linear_shapes_from_module,
+    quantized_linear_nbytes,
     which_linears,
 )
 
@@ -301,7 +301,7 @@ def load_quantized(
 class QuantReport:
     quantized_layers: int
     quantized_bytes: int  # weights + quantization state of the quantized Linears (biases excluded)
-    expected_bytes: int  # what estimate.quantized_linear_nbytes says for the same layers
+    expected_bytes: int  # what quant.plan.quantized_linear_nbytes says for the same layers
     by_mode: dict[str, int] = field(default_factory=dict)
     layers: list[str] = field(default_factory=list)
 

@@ -32,7 +32,6 @@ from torch import nn
 
 from chatterbox_cli.checkpoint import write_safetensors_atomic
 from chatterbox_cli.errors import ChatterboxError
-from chatterbox_cli.presets import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, ComponentPlan
 from chatterbox_cli.quant.bnb import (
     QuantizationError,
     QuantReport,
@@ -45,6 +44,7 @@ from chatterbox_cli.quant.bnb import (
     require_bitsandbytes,
     verify_quantized,
 )
+from chatterbox_cli.quant.plan import NF4_BLOCKSIZE, NF4_NESTED_BLOCKSIZE, ComponentPlan
 
 CACHE_FORMAT_VERSION = 1
 FORMAT_NAME = "chatterbox-cli quantized weights"
@@ -281,7 +281,7 @@ def load_quantized_cached(
     """`quant.bnb.load_quantized` + `verify_quantized`, with the planned layers from the cache when it holds
     them (no float weights read for those layers); on a miss the entry is written afterwards."""
     from chatterbox_cli.models.loading import load_module_from_safetensors
-    from chatterbox_cli.presets import linear_shapes_from_module
+    from chatterbox_cli.quant.plan import linear_shapes_from_module
 
     device = torch.device(device)
     targets = planned_layers([plan], linear_shapes_from_module(module_on_meta))
@@ -316,7 +316,7 @@ def quantize_module_cached(
     """`quantize.quantize_module` on an already loaded `module` (whose weights came from `checkpoint_file`),
     with the planned layers swapped for the cached ones when the cache holds them. Only the planned layers
     are put on `device`; verification of the whole module is left to the caller, after it moved the rest."""
-    from chatterbox_cli.presets import linear_shapes_from_module
+    from chatterbox_cli.quant.plan import linear_shapes_from_module
 
     device = torch.device(device)
     targets = planned_layers([plan], linear_shapes_from_module(module, prefix))
