@@ -58,7 +58,16 @@ def _gelu_epilogue(self: t3_module.GPT2MLP, x: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def candidate(name: str) -> Iterator[dict[str, object]]:
-    """Apply one candidate for the duration of the block; yields decode options to pass."""
+    """Apply a candidate ("a+b": several) for the duration of the block; yields decode options to pass."""
+    with contextlib.ExitStack() as stack:
+        options: dict[str, object] = {}
+        for part in name.split("+"):
+            options |= stack.enter_context(_one_candidate(part))
+        yield options
+
+
+@contextlib.contextmanager
+def _one_candidate(name: str) -> Iterator[dict[str, object]]:
     if name == "baseline":
         yield {}
     elif name == "gelu-epilogue":
@@ -196,7 +205,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", type=Path, default=Path("/tmp/ck-variants"))
     ap.add_argument("--tokens", type=int, default=400)
-    every = "baseline,gelu-epilogue,sdpa-math,sdpa-efficient,sdpa-cudnn,compiled"
+    every = (
+        "baseline,gelu-epilogue,sdpa-math,sdpa-efficient,sdpa-cudnn,gelu-epilogue+sdpa-cudnn,"
+        "gelu-epilogue+sdpa-math,compiled"
+    )
     ap.add_argument("--candidates", default=every)
     args = ap.parse_args()
     if not torch.cuda.is_available():
