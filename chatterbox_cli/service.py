@@ -276,17 +276,21 @@ def auto_pick(
     return report.chosen, report.reason, report
 
 
-def next_preset(preset: str, checkpoint: Checkpoint) -> str | None:
-    """The next preset down (less memory), for the OOM step-down; None when there is none. AWQ counts only
-    where its weights exist: a step-down never starts a calibration."""
+def lower_presets(preset: str, checkpoint: Checkpoint) -> list[str]:
+    """The presets below `preset` (less memory), in step-down order. AWQ counts only where its weights
+    exist: a step-down never starts a calibration."""
     from chatterbox_cli.quant import awq_store
 
     names = presets.preset_names()
-    if preset not in names:
-        return None
-    lower = names[names.index(preset) + 1 :]
+    lower = names[names.index(preset) + 1 :] if preset in names else []
     if "awq" in lower and awq_store.find(checkpoint.folder, checkpoint.file("t3")) is None:
         lower.remove("awq")
+    return lower
+
+
+def next_preset(preset: str, checkpoint: Checkpoint) -> str | None:
+    """The next preset down, for the OOM step-down; None when there is none."""
+    lower = lower_presets(preset, checkpoint)
     return lower[0] if lower else None
 
 
@@ -743,8 +747,7 @@ class ModelHolder:
     def _advice(self, stage: str) -> str:
         """Why the run stops, naming only steps that have not been tried."""
         request, preset = self.request, self.decision.preset
-        names = presets.preset_names()
-        lower = names[names.index(preset) + 1 :] if preset in names else []
+        lower = lower_presets(preset, self.checkpoint)
         if request.preset != "auto":
             auto = "--preset auto" + ("" if request.fallback else " without --no-fallback")
             tries = [f"--preset {p}" for p in lower] + [f"{auto} (it steps down by itself)"]
