@@ -4,8 +4,13 @@ CPU kernel against the dequantized reference, files."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -341,3 +346,180 @@ def test_save_load_round_trip(
     (tmp_path / awq.CONFIG_FILE).write_text(json.dumps(config.quantization_config() | {"bits": 8}))
     with pytest.raises(ValueError, match="disagrees"):
         awq.load_awq(path)
+
+
+# --- the Triton GEMV (sm75) -----------------------------------------------------------------------------
+
+U_FP16 = 2.0**-11
+TRITON_MISSING = importlib.util.find_spec("triton") is None
+
+# Under Triton's interpreter (TRITON_INTERPRET=1, read when the kernel is decorated, so in a fresh process):
+# runs the GEMV, and AwqLinear forced to triton-gemv, on the CPU tensors of cases.pt; writes outputs.pt.
+INTERPRETER_RUN = """
+import sys
+
+import torch
+
+from chatterbox_cli.quant import awq, awq_triton
+
+cases = torch.load(sys.argv[1])
+outputs = []
+for case in cases:
+    q, scales, zeros, group = case["q"], case["scales"], case["zeros"], case["group"]
+    qpairs = q[:, 0::2] | q[:, 1::2] << 4
+    outputs.append(awq_triton.gemv(case["x"], qpairs, scales, zeros, group, case["bias"]))
+# the layer: 3 rows through the GEMV, 6 through dequantize-then-matmul (dequant-matmul's numbers)
+case = cases[-1]
+packed = awq.pack_gemm(case["q"], case["scales"], case["zeros"]) | {"bias": case["bias"]}
+layer = awq.AwqLinear.from_packed(packed, kernel="triton-gemv")
+reference = awq.AwqLinear.from_packed(packed, kernel="dequant-matmul")
+x = torch.randn(2, 3, layer.in_features, generator=torch.Generator().manual_seed(9)).half()
+buffers = sorted(name for name, _ in layer.named_buffers())
+direct = awq_triton.gemv(x[0], layer.qpairs, layer.scales, layer.zeros, layer.group_size, layer.bias)
+torch.save(
+    {
+        "gemv": outputs,
+        "buffers": buffers,
+        "layer_3": layer(x[:1]),
+        "direct_3": direct[None],
+        "layer_6": layer(x),
+        "dequant_6": reference(x),
+    },
+    sys.argv[2],
+)
+"""
+
+
+def gemv_case(
+    out_f: int, in_f: int, group: int, rows: int, bias: bool, dtype: torch.dtype, seed: int
+) -> dict[str, Any]:
+    """Random weights quantized at `group`, inputs [rows, in] of a wide dynamic range, an fp16 bias."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen) * 0.02
+    q, scales, zeros = awq.quantize_groups(w, group)
+    x = torch.randn(rows, in_f, generator=gen) * torch.logspace(-2, 1, in_f)  # a wide dynamic range
+    b = (torch.randn(out_f, generator=gen) * 0.1).half() if bias else None
+    return {"q": q, "scales": scales.half(), "zeros": zeros, "group": group, "x": x.to(dtype), "bias": b}
+
+
+def gemv_error_bound(case: dict[str, Any], y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 result of the dequantized weight, and a rigorous bound on the GEMV's distance to it.
+
+    The kernel adds, per step of BLOCK_K inputs (inside one group), s * (sum_k q_k x_k - z * sum_k x_k) to
+    a float32 accumulator, then the bias, and rounds once to y's dtype. Products q_k x_k are exact for fp16
+    x (4 + 11 significant bits) and rounded once for float32 x; each term q_k x_k s or z x_k s then meets
+    at most BLOCK_K - 1 additions in the step's sums, z * sum x, the subtraction, the product with s,
+    in/BLOCK_K additions into the accumulator and the bias addition: m <= BLOCK_K + in/BLOCK_K + 4
+    <= in + 8 float32 roundings. Whatever the summation order (or FMA contraction, which only removes
+    roundings), the float32 result is within gamma_m * T of the exact one, gamma_m = m u / (1 - m u),
+    u = 2^-24, T = sum_k |x_k| s_k (q_k + z_k) + |b| (the magnitudes summed; larger than sum |x||w|
+    because of the factored zero point). Rounding to y's dtype (unit roundoff u_y) adds u_y |y_fp32|, plus
+    2^-25 where an fp16 result is subnormal; float32 underflow needs magnitudes near 2^-126, not reached.
+    """
+    q, s, z, group, x, b = (case[k] for k in ("q", "scales", "zeros", "group", "x", "bias"))
+    w = awq.dequantize(q, s, z, group).double()
+    b64 = torch.zeros(q.shape[0], dtype=torch.float64) if b is None else b.double()
+    y_ref = x.double() @ w.t() + b64
+    s_full = s.double().repeat_interleave(group, 1)
+    z_full = z.double().repeat_interleave(group, 1)
+    magnitude = x.double().abs() @ (s_full * (q.double() + z_full)).t() + b64.abs()
+    m = q.shape[1] + 8
+    gamma = m * U_FP32 / (1 - m * U_FP32)
+    u_y, eta = (U_FP16, 2.0**-25) if y_dtype == torch.float16 else (U_FP32, 0.0)
+    bound = gamma * magnitude + u_y * (y_ref.abs() + gamma * magnitude) + eta
+    return y_ref, bound
+
+
+GEMV_CASES = [  # out, in, group, rows, bias, x dtype: steps of 32..128 inputs, one or several per group
+    (64, 128, 32, 1, False, torch.float16),
+    (96, 256, 64, 2, True, torch.float16),
+    (256, 256, 128, 3, True, torch.float16),
+    (200, 256, 128, 4, False, torch.float16),  # out not a multiple of BLOCK_N
+    (64, 512, 256, 1, True, torch.float16),  # two steps per group
+    (48, 192, 96, 2, False, torch.float16),  # a group of 96: steps of 32
+    (128, 256, 32, 4, True, torch.float32),
+    (128, 256, 64, 3, True, torch.float16),  # also the layer check's weights
+]
+
+
+@pytest.mark.skipif(TRITON_MISSING, reason="triton is not installed (its interpreter runs the kernel on CPU)")
+def test_triton_gemv_in_the_interpreter_matches_dequantize(tmp_path: Path) -> None:
+    """The sm75 GEMV's numbers on CPU tensors, by Triton's interpreter (numpy float32 arithmetic, the same
+    roundings as the GPU's up to order and FMA), within `gemv_error_bound` of the float64 result; and
+    AwqLinear forced to triton-gemv: one copy of the weight, the GEMV for <= 4 rows, dequantize-then-
+    matmul beyond."""
+    cases = [gemv_case(*shape, seed=i) for i, shape in enumerate(GEMV_CASES)]
+    torch.save(cases, tmp_path / "cases.pt")
+    env = os.environ | {"TRITON_INTERPRET": "1"}
+    run = subprocess.run(
+        [sys.executable, "-c", INTERPRETER_RUN, str(tmp_path / "cases.pt"), str(tmp_path / "outputs.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-4000:]
+    outputs = torch.load(tmp_path / "outputs.pt")
+    for shape, case, y in zip(GEMV_CASES, cases, outputs["gemv"], strict=True):
+        assert y.shape == (shape[3], shape[0]) and y.dtype == shape[5], shape
+        y_ref, bound = gemv_error_bound(case, y.dtype)
+        assert ((y.double() - y_ref).abs() <= bound).all(), shape
+    assert outputs["buffers"] == ["qpairs", "scales", "zeros"]
+    assert outputs["layer_3"].shape == (1, 3, 128) and torch.equal(outputs["layer_3"], outputs["direct_3"])
+    assert torch.equal(outputs["layer_6"], outputs["dequant_6"])
+
+
+CUDA_GEMV_SHAPES = [(1024, 1024, 1), (4096, 1024, 2), (1024, 4096, 4), (1000, 512, 3)]  # out, in, rows
+
+
+@pytest.mark.gpu
+def test_triton_gemv_on_cuda_matches_dequantize() -> None:
+    """triton-gemv forced on a CUDA GPU (it needs no sm80 instruction, so sm80+ cards run it too), at
+    T3's full-size shapes, within `gemv_error_bound` of the float64 result; more than 4 rows take
+    dequantize-then-matmul, as a dequant-matmul layer does."""
+    pytest.importorskip("triton")
+    for i, (out_f, in_f, rows) in enumerate(CUDA_GEMV_SHAPES):
+        case = gemv_case(out_f, in_f, 128, rows, True, torch.float16, seed=i)
+        packed = awq.pack_gemm(case["q"], case["scales"], case["zeros"]) | {"bias": case["bias"]}
+        layer = awq.AwqLinear.from_packed(packed, device="cuda", kernel="triton-gemv")
+        assert layer.kernel == "triton-gemv"
+        y = layer(case["x"].cuda()).cpu()
+        assert y.shape == (rows, out_f) and y.dtype == torch.float16
+        y_ref, bound = gemv_error_bound(case, y.dtype)
+        assert ((y.double() - y_ref).abs() <= bound).all(), (out_f, in_f, rows)
+    x = torch.randn(8, 512, device="cuda").half()  # the last layer's input width
+    reference = awq.AwqLinear.from_packed(packed, device="cuda", kernel="dequant-matmul")
+    assert torch.equal(layer(x), reference(x))
+
+
+def test_triton_gemv_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without triton (a missing package: the world's edge, so simulated) the kernel says what it needs."""
+    from chatterbox_cli.quant import awq_triton
+
+    assert "triton-gemv" in awq.KERNELS
+    assert awq_triton.block_k(128) == 128 and awq_triton.block_k(256) == 128 and awq_triton.block_k(96) == 32
+    monkeypatch.setattr(awq_triton, "triton", None)
+    assert not awq_triton.available()
+    packed = awq.pack_gemm(*awq.quantize_groups(torch.randn(64, 128), 32))
+    with pytest.raises(RuntimeError, match="needs triton"):
+        awq.AwqLinear.from_packed(packed, kernel="triton-gemv")
+    with pytest.raises(RuntimeError, match="needs triton"):
+        awq_triton.gemv(torch.zeros(1, 128), torch.zeros(64, 64, dtype=torch.uint8), None, None, 32)
+
+
+def test_kernel_choice_on_turing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sm75 takes the Triton GEMV where triton imports, else dequantize-then-matmul; sm80+ keeps tinygemm."""
+    from chatterbox_cli.quant import awq_triton
+
+    capability = (7, 5)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(awq_triton, "available", lambda: True)
+    assert awq.choose_kernel("cuda", 1024, 4096, 128) == "triton-gemv"
+    assert awq.choose_kernel("cuda", 24, 64, 32) == "triton-gemv"  # any shape the layout holds
+    assert awq.choose_kernel("cpu", 1024, 4096, 128) == "int4pack-cpu"
+    monkeypatch.setattr(awq_triton, "available", lambda: False)
+    assert awq.choose_kernel("cuda", 1024, 4096, 128) == "dequant-matmul"
+    capability = (8, 0)
+    monkeypatch.setattr(awq_triton, "available", lambda: True)
+    assert awq.choose_kernel("cuda", 1024, 4096, 128) == "int4pack-cuda"
+    assert awq.choose_kernel("cuda", 1024, 960, 96) == "dequant-matmul"  # as before: not a tinygemm group

@@ -28,7 +28,8 @@ for it there.
 
 At run time `AwqLinear` repacks the stored layout once for its kernel: core torch's tinygemm
 `_weight_int4pack_mm` on sm80+ GPUs, `_weight_int4pack_mm_for_cpu` on the CPU (both with bf16
-activations), else dequantize-then-matmul.
+activations), on older GPUs (sm75: Turing) a Triton GEMV for up to 4 rows (quant/awq_triton.py) and
+dequantize-then-matmul for more, else dequantize-then-matmul.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ PACK = 8  # 4-bit values per int32
 # per column, the nibble that holds it.
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 AWQ_NIBBLE_OF_COLUMN = tuple(AWQ_ORDER.index(c) for c in range(PACK))  # (0, 4, 1, 5, 2, 6, 3, 7)
-KERNELS = ("int4pack-cuda", "int4pack-cpu", "dequant-matmul")
+KERNELS = ("int4pack-cuda", "int4pack-cpu", "triton-gemv", "dequant-matmul")
 TINYGEMM_GROUPS = (32, 64, 128, 256)  # group sizes both int4pack kernels take
 
 
@@ -520,13 +521,19 @@ def _inner_k_tiles(in_features: int) -> int | None:
 
 
 def choose_kernel(device: torch.device | str, out_features: int, in_features: int, group: int) -> str:
-    """The fastest kernel for a layer on `device` (see KERNELS)."""
+    """The fastest kernel for a layer on `device` (see KERNELS): tinygemm on sm80+ GPUs and on the CPU,
+    the Triton GEMV on older GPUs (sm75: Turing) where triton is installed, else dequantize-then-matmul."""
     device = torch.device(device)
     tinygemm_shape = group in TINYGEMM_GROUPS and in_features % group == 0
     if device.type == "cuda":
         sm80 = torch.cuda.get_device_capability(device)[0] >= 8
         if sm80 and tinygemm_shape and out_features % 8 == 0 and _inner_k_tiles(in_features):
             return "int4pack-cuda"
+        if not sm80 and in_features % group == 0 and group % 2 == 0:
+            from chatterbox_cli.quant import awq_triton
+
+            if awq_triton.available():
+                return "triton-gemv"
     elif device.type == "cpu" and tinygemm_shape and out_features % 16 == 0:
         return "int4pack-cpu"
     return "dequant-matmul"
@@ -539,6 +546,9 @@ class AwqLinear(nn.Module):
     int4pack kernels compute w = (q - 8) * scale + offset per group, so the zero point becomes the offset
     (8 - zero) * scale; both go in a [in/group, out, 2] bf16 tensor, the activations are cast to bf16 and
     the output back to the input's dtype. dequant-matmul rebuilds the weight in the input's dtype per call.
+    triton-gemv (awq_triton) reads dequant-matmul's tensors as they are: inputs of 1..awq_triton.MAX_ROWS (4)
+    rows (a decode step) go through its GEMV, in the input's dtype (fp16 on Turing), more rows through
+    dequantize-then-matmul. Forcing it (`kernel=`) needs triton, and a CUDA device or TRITON_INTERPRET=1.
     """
 
     def __init__(
@@ -559,7 +569,12 @@ class AwqLinear(nn.Module):
         self.kernel = kernel or choose_kernel(device, self.out_features, self.in_features, group)
         if self.kernel not in KERNELS:
             raise ValueError(f"unknown kernel {self.kernel!r}; kernels: {', '.join(KERNELS)}")
-        if self.kernel == "dequant-matmul":
+        if self.kernel == "triton-gemv":
+            from chatterbox_cli.quant import awq_triton
+
+            if not awq_triton.available():
+                raise RuntimeError("kernel 'triton-gemv' needs triton (pip install triton)")
+        if self.kernel in ("dequant-matmul", "triton-gemv"):  # one copy of the weight serves both paths
             self.register_buffer("qpairs", (q[:, 0::2] | q[:, 1::2] << 4).to(device), persistent=False)
             self.register_buffer("scales", s.to(device), persistent=False)
             self.register_buffer("zeros", z.to(device), persistent=False)
@@ -589,13 +604,21 @@ class AwqLinear(nn.Module):
         )
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weight [out, in] (dequant-matmul layers only; exact in float32, one rounding otherwise)."""
+        """The weight [out, in] (dequant-matmul and triton-gemv layers only; exact in float32, one rounding
+        otherwise)."""
         q = torch.stack((self.qpairs & 0xF, self.qpairs >> 4), dim=-1).reshape(self.out_features, -1)
         return dequantize(q, self.scales, self.zeros, self.group_size).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        if self.kernel == "dequant-matmul":
+        if self.kernel == "triton-gemv":
+            from chatterbox_cli.quant import awq_triton
+
+            x2 = x.reshape(-1, self.in_features)
+            if 1 <= x2.shape[0] <= awq_triton.MAX_ROWS:
+                y = awq_triton.gemv(x2, self.qpairs, self.scales, self.zeros, self.group_size, self.bias)
+                return y.reshape(*shape[:-1], self.out_features)
+        if self.kernel in ("dequant-matmul", "triton-gemv"):
             w = self.dequantized_weight(x.dtype)
             return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)
