@@ -261,6 +261,34 @@ def synthesize(
         bool,
         typer.Option("--force", help="Batch mode: redo items already done.", rich_help_panel=_PANEL_OUTPUT),
     ] = False,
+    engine: Annotated[
+        Literal["local", "ray"],
+        typer.Option(
+            "--engine",
+            help="Batch mode: local (this process) or ray (Ray Data workers, one per GPU; extra: ray).",
+            rich_help_panel="Batch on Ray",
+        ),
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            "--ray-address",
+            help="Ray cluster to join (auto, or the head's HOST:6379). Default: $RAY_ADDRESS, else a new "
+            "local Ray.",
+            rich_help_panel="Batch on Ray",
+            show_default=False,
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            "--workers",
+            min=1,
+            help="Ray workers. Default: one per GPU in the cluster; without GPUs, one CPU worker.",
+            rich_help_panel="Batch on Ray",
+            show_default=False,
+        ),
+    ] = None,
     audio_format: Annotated[
         Literal["wav", "mp3", "flac", "opus", "pcm"] | None,
         typer.Option(
@@ -444,7 +472,7 @@ def synthesize(
     with json_errors(json_out):
         if json_out and output == "-":
             raise UsageError("--json and -o - both write to stdout; write the audio to a file instead")
-        from chatterbox_cli.jobs import SynthesizeJob, run_synthesize
+        from chatterbox_cli.jobs import ItemsFailed, SynthesizeJob, run_synthesize
         from chatterbox_cli.pipeline import SynthesisSettings
         from chatterbox_cli.service import LoadRequest
 
@@ -490,8 +518,17 @@ def synthesize(
             audio_format=audio_format,
             force=force,
             quiet=quiet,
+            engine=engine,
+            ray_address=ray_address,
+            workers=workers,
         )
-        summary = run_synthesize(job)
+        try:
+            summary = run_synthesize(job)
+        except ItemsFailed as e:  # the summary still says what was made and what failed
+            if not json_out:
+                raise
+            emit_json({**e.summary, "error": str(e), "exit_code": int(e.exit_code)})
+            raise typer.Exit(int(e.exit_code)) from None
     if json_out:
         emit_json(summary)
 

@@ -47,17 +47,29 @@ from chatterbox_cli.variants import variant_for
 
 if TYPE_CHECKING:
     # These pull in torch and the models: imported when a run starts, so `chatterbox --help` stays fast.
+    from chatterbox_cli.checkpoint import Checkpoint
     from chatterbox_cli.models.conds import Conditionals
     from chatterbox_cli.pipeline import SynthesisSettings
     from chatterbox_cli.service import LoadRequest, ModelHolder
 
 SplitMode = Literal["lines", "paragraphs"]
+Engine = Literal["local", "ray"]
 VOICE_SUFFIX = ".voice"
 SAMPLE_RATE = 24_000
 
 
 class Interrupted(ChatterboxError):
     exit_code = ExitCode.INTERRUPTED
+
+
+class ItemsFailed(ChatterboxError):
+    """Some batch items failed (recorded in the manifest as failed); the run's summary comes with it."""
+
+    exit_code = ExitCode.FAILED
+
+    def __init__(self, message: str, summary: dict[str, object]) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,9 @@ class SynthesizeJob:
     audio_format: str | None = None  # --format; None: what -o's extension names, else wav
     force: bool = False
     quiet: bool = False
+    engine: Engine = "local"  # ray: batch items spoken by Ray Data workers (ray_engine/)
+    ray_address: str | None = None  # --ray-address; None: $RAY_ADDRESS, else a new local Ray
+    workers: int | None = None  # --workers; None: one per GPU, else one CPU worker
 
 
 @dataclass
@@ -163,6 +178,8 @@ def _check_options(job: SynthesizeJob) -> None:
         raise UsageError("--split needs --output-dir (one WAV per item goes into that folder)")
     if job.force and job.output_dir is None:
         raise UsageError("--force applies to --output-dir runs (it redoes items already done)")
+    if job.engine != "ray" and (job.ray_address is not None or job.workers is not None):
+        raise UsageError("--ray-address and --workers apply to --engine ray")
     if job.save_voice is not None and not job.save_voice.endswith(VOICE_SUFFIX):
         raise UsageError(f"--save-voice must name a file ending in {VOICE_SUFFIX}, got {job.save_voice}")
     if job.output == "-" and sys.stdout.isatty():
@@ -253,6 +270,10 @@ def _file_digest(path: str) -> str:
 def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
     """Do the run; return the summary (what `--json` prints). Errors are ChatterboxErrors."""
     _check_options(job)
+    if job.engine == "ray":
+        from chatterbox_cli.ray_engine.run import run_batch
+
+        return run_batch(job)
     text = _read_source(job)
     if not text.strip():
         raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
@@ -270,6 +291,20 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
     run = _Run()
     progress = Progress(enabled=not job.quiet and stderr_is_terminal())
     interrupts = _HoldInterrupts()
+    notify, warn = _reporters(job, run, progress)
+    with interrupts.installed(), progress:
+        try:
+            return _Runner(job, run, progress, interrupts, notify, warn).execute(text, items, out_dir)
+        except KeyboardInterrupt:
+            progress.close()
+            raise Interrupted(_interrupted_message(job, run)) from None
+
+
+def _reporters(
+    job: SynthesizeJob, run: _Run, progress: Progress
+) -> tuple[Callable[[str], None], Callable[[str], None]]:
+    """notify and warn: a note (kept in the summary, shown on a terminal) and a warning (shown unless
+    --quiet)."""
 
     def notify(message: str) -> None:
         run.notes.append(message)
@@ -282,12 +317,7 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
         elif not job.quiet:
             print(f"warning: {message}", file=sys.stderr, flush=True)
 
-    with interrupts.installed(), progress:
-        try:
-            return _Runner(job, run, progress, interrupts, notify, warn).execute(text, items, out_dir)
-        except KeyboardInterrupt:
-            progress.close()
-            raise Interrupted(_interrupted_message(job, run)) from None
+    return notify, warn
 
 
 def _interrupted_message(job: SynthesizeJob, run: _Run) -> str:
@@ -327,20 +357,11 @@ class _Runner:
         self.settings: SynthesisSettings = job.settings.with_seed()  # one seed for the run, OOM step-down too
         self.format = output_format(job)
         self.detected: set[str] = set()  # languages detected and announced so far
+        self.manifest: Manifest | None = None  # where finished items are recorded; None: the folder's
 
     def execute(self, text: str, items: list[BatchItem] | None, out_dir: Path | None) -> dict[str, object]:
-        from chatterbox_cli import service
-
         job, run = self.job, self.run
-        started = time.perf_counter()
-        # The holder owns the model: a step-down on CUDA out-of-memory may replace it at any stage.
-        self.holder: ModelHolder = service.ModelHolder(self.request, self.notify)
-        variant = self.holder.model.variant  # loads it now, stepping down
-        ignored = self.settings.ignored_by(variant)
-        if ignored:
-            self.warn(f"the {variant.name} model has no input for {', '.join(ignored)}: ignored")
-        self.settings = self.settings.for_variant(variant)
-        run.load_s = time.perf_counter() - started
+        self.load()
 
         # Text problems show before the voice is prepared.
         digest = None
@@ -358,24 +379,9 @@ class _Runner:
                 self.notify(
                     f"{len(items) - len(todo)} of {len(items)} item(s) already done in {out_dir}; skipped"
                 )
-            work = []
-            for item in todo:
-                try:
-                    work.append((item, *self.chunks_of(item.text)))
-                except UsageError as e:  # an item with nothing speakable becomes a short silence
-                    self.warn(f"item {item.index} ({item.filename}): {e}; writing silence")
-                    work.append((item, [], self.settings.language or "en"))
+            work = [self.work_item(item) for item in todo]
 
-        started = time.perf_counter()
-        self.conds: Conditionals = self.holder.voice(job.voice, self.settings.exaggeration)
-        run.voice_s = time.perf_counter() - started
-        if job.save_voice is not None:
-            self.save_voice(job.save_voice)
-        first = next(((chunks[0], language) for _, chunks, language in work if chunks), None)
-        if first is not None:
-            chunk, language = first
-            run.warm_up_s = self.holder.warm_up(self.conds, chunk, replace(self.settings, language=language))
-
+        self.prepare_voice(next(((chunks[0], language) for _, chunks, language in work if chunks), None))
         chunk_count = sum(len(c) for _, c, _ in work)
         self.progress.start(len(work), chunk_count, sum(len(t) for _, c, _ in work for t in c))
         run.synth_started = time.perf_counter()
@@ -395,6 +401,42 @@ class _Runner:
             f"wrote {where}: {run.audio_s:.1f} s of audio" + (f", RTF {rtf:.2f}" if rtf is not None else "")
         )
         return summary
+
+    def load(self) -> None:
+        """Load the model (stepping down as needed) and fill in the variant's defaults."""
+        from chatterbox_cli import service
+
+        started = time.perf_counter()
+        # The holder owns the model: a step-down on CUDA out-of-memory may replace it at any stage.
+        self.holder: ModelHolder = service.ModelHolder(self.request, self.notify)
+        variant = self.holder.model.variant  # loads it now, stepping down
+        ignored = self.settings.ignored_by(variant)
+        if ignored:
+            self.warn(f"the {variant.name} model has no input for {', '.join(ignored)}: ignored")
+        self.settings = self.settings.for_variant(variant)
+        self.run.load_s = time.perf_counter() - started
+
+    def prepare_voice(self, first: tuple[str, str] | None) -> None:
+        """Prepare the voice (and save it with --save-voice), then warm up on `first`, the run's first
+        chunk and its language, when there is one."""
+        started = time.perf_counter()
+        self.conds: Conditionals = self.holder.voice(self.job.voice, self.settings.exaggeration)
+        self.run.voice_s = time.perf_counter() - started
+        if self.job.save_voice is not None:
+            self.save_voice(self.job.save_voice)
+        if first is not None:
+            chunk, language = first
+            settings = replace(self.settings, language=language)
+            self.run.warm_up_s = self.holder.warm_up(self.conds, chunk, settings)
+
+    def work_item(self, item: BatchItem) -> tuple[BatchItem, list[str], str]:
+        """A batch item with its chunks and language; an item with nothing speakable gets no chunks (it
+        becomes a short silence)."""
+        try:
+            return (item, *self.chunks_of(item.text))
+        except UsageError as e:
+            self.warn(f"item {item.index} ({item.filename}): {e}; writing silence")
+            return item, [], self.settings.language or "en"
 
     def language_of(self, text: str) -> str:
         """The language `text` is spoken in: --language, else the English model's, else detected (said in
@@ -433,14 +475,15 @@ class _Runner:
             )
         return chunks, language
 
-    def hash_inputs(self) -> dict[str, object]:
+    def hash_inputs(self, checkpoint: Checkpoint | None = None) -> dict[str, object]:
         """Everything that changes an item's audio or file, for the settings hash. The run's own random
-        seed is left out: without --seed, finished items count as done whatever seed made them."""
+        seed is left out: without --seed, finished items count as done whatever seed made them.
+        `checkpoint`: the resolved checkpoint when no model is loaded here (default: the loaded one's)."""
         job = self.job
         values = job.settings.to_dict()
         values.update(
             model=job.load.model,
-            revision=job.load.revision or self.holder.checkpoint.revision,
+            revision=job.load.revision or (checkpoint or self.holder.checkpoint).revision,
             variant=self.request.variant,  # None: the folder's own, which the model path names
             preset=job.load.preset,
             plan=job.load.plan,
@@ -502,7 +545,9 @@ class _Runner:
 
     def speak_item(
         self, item: BatchItem, chunks: list[str], language: str, digest: str, out_dir: Path
-    ) -> None:
+    ) -> dict[str, object]:
+        """Speak one batch item into its file and record it in the manifest (`self.manifest`, default
+        the folder's); returns the manifest line."""
         settings = replace(self.settings.for_item(item.index), language=language)
         part = partial_path(out_dir, item)
         try:
@@ -512,7 +557,7 @@ class _Runner:
             self.run.files.pop()
             raise
         final = out_dir / item.filename
-        manifest = Manifest(out_dir)
+        manifest = self.manifest if self.manifest is not None else Manifest(out_dir)
         with self.interrupts.critical():
             try:
                 os.replace(part, final)
@@ -524,25 +569,25 @@ class _Runner:
                 frames = frame_count(final)
             except (OSError, RuntimeError) as e:
                 raise ChatterboxError(f"cannot read back {final}: {e}") from e
+            line: dict[str, object] = {
+                "file": item.filename,
+                "text": item.text,
+                "frames": frames,
+                "duration": entry["duration_s"],
+                "chunks": entry["chunks"],
+                "preset": self.holder.model.preset,
+                "device": str(self.holder.model.device),
+                "seed": settings.seed,
+                "language": language,
+                "settings_hash": digest,
+            }
             try:
-                manifest.append(
-                    {
-                        "file": item.filename,
-                        "text": item.text,
-                        "frames": frames,
-                        "duration": entry["duration_s"],
-                        "chunks": entry["chunks"],
-                        "preset": self.holder.model.preset,
-                        "device": str(self.holder.model.device),
-                        "seed": settings.seed,
-                        "language": language,
-                        "settings_hash": digest,
-                    }
-                )
+                manifest.append(line)
             except OSError as e:
                 raise ChatterboxError(
                     f"cannot append to {manifest.path}: {e.strerror or e}; free some space and run again"
                 ) from e
+        return line
 
     def save_voice(self, path: str) -> None:
         import torch
