@@ -26,7 +26,7 @@ for step in "$@"; do
     first-turbo) python3 benchmarks/first_audio.py --checkpoint /tmp/ck-turbo --variant turbo ${FIRST_TURBO_ARGS:-} > "$OUT/first_audio_turbo.json" 2> >(tee "$OUT/first_audio_turbo.log" >&2) ;;
     variants) python3 benchmarks/variant_speed.py --folder /tmp/ck-variants ${VARIANT_ARGS:-} > "$OUT/variant_speed.json" 2> >(tee "$OUT/variant_speed.log" >&2) ;;
     profile) python3 benchmarks/decode_profile.py --folder /tmp/ck-variants ${PROFILE_ARGS:-} > "$OUT/decode_profile.json" 2> >(tee "$OUT/decode_profile.log" >&2) ;;
-    eval) python3 -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
+    eval) python3 -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
     serve) python3 benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
     small) python3 benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;
