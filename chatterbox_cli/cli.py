@@ -672,7 +672,7 @@ def _print_estimate(report: Any, rich: bool) -> None:
 @app.command()
 def quantize(
     method: Annotated[
-        Literal["awq"], typer.Option(help="awq: T3's backbone to 4 bits, calibrated (a minute on a GPU).")
+        Literal["awq"], typer.Option(help="awq: T3's backbone to 4 bits, calibrated once per checkpoint.")
     ] = "awq",
     output: Annotated[
         str | None,

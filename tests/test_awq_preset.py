@@ -159,3 +159,28 @@ def _meta_t3(checkpoint: Checkpoint) -> torch.nn.Module:
         t3 = T3(infer_t3_config(safetensors_header(checkpoint.file("t3"))))
     t3.drop_text_head()
     return t3
+
+
+@pytest.mark.gpu
+def test_preset_awq_on_cuda_decodes_in_cuda_graphs(
+    capsys: pytest.CaptureFixture[str], checkpoint: Path, tmp_path: Path
+) -> None:
+    """On a GPU the AWQ layers run on torch's int4 kernel (sm80+) or the Triton GEMV (sm75), inside the
+    decode step's captured CUDA graph, and the audio comes out."""
+    model = service.load(service.LoadRequest(model=str(checkpoint), device="cuda", preset="awq"))
+    kernel = "int4pack-cuda" if torch.cuda.get_device_capability()[0] >= 8 else "triton-gemv"
+    assert model.quant["t3"].by_mode == {"awq": 14, kernel: 14}
+    report = model.quant["t3"]
+    # the estimate counts int4pack's 4 bytes per group and output; the Triton GEMV's layout holds 3
+    assert (
+        report.quantized_bytes == report.expected_bytes
+        if kernel == "int4pack-cuda"
+        else 0 < report.quantized_bytes < report.expected_bytes
+    )
+    del model
+    args = ("synthesize", "A lighthouse keeper.", "--model", str(checkpoint), "-o", str(tmp_path / "a.wav"))
+    options = ("--preset", "awq", "--device", "cuda", "--max-tokens", "40", "--json")
+    code, stdout, err = cli(capsys, *args, *options)
+    assert code == 0, err
+    data, rate = sf.read(tmp_path / "a.wav")
+    assert rate == 24_000 and len(data) > 0 and json.loads(stdout)["preset"] == "awq"

@@ -130,8 +130,8 @@ def ensure(checkpoint: Checkpoint, device: torch.device, use_cache: bool, notify
     where = calibration_device(device, t3_file)
     out = cache_path(t3_file) if use_cache else Path(tempfile.mkdtemp(prefix="chatterbox-awq-")) / AWQ_FILE
     notify(
-        f"no AWQ weights for {checkpoint.folder} yet: calibrating once on the {where.type.upper()} "
-        f"(a minute on a GPU, longer on a CPU); `chatterbox quantize --method awq` does this ahead of time"
+        f"no AWQ weights for {checkpoint.folder} yet: calibrating once, on the {where.type.upper()}; "
+        "`chatterbox quantize --method awq` does this ahead of time"
     )
     return calibrate(checkpoint, out, where, notify)
 
