@@ -79,3 +79,15 @@ def synth(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[
         return code, out, err
 
     return call
+
+
+@pytest.fixture
+def synth_json(synth: Callable[..., tuple[int, str, str]]) -> Callable[..., tuple[int, dict, str]]:
+    """As `synth`, with --json: (exit code, the JSON summary, stderr)."""
+    import json
+
+    def call(*args: str) -> tuple[int, dict, str]:
+        code, out, err = synth(*args, "--json")
+        return code, json.loads(out), err
+
+    return call

@@ -22,7 +22,6 @@ from chatterbox_cli.batch import (
     pending,
     settings_hash,
 )
-from chatterbox_cli.cli import run
 from chatterbox_cli.jobs import SynthesizeJob, _HoldInterrupts, _Run, _Runner
 from chatterbox_cli.pipeline import SynthesisSettings
 from chatterbox_cli.progress import Progress
@@ -90,14 +89,8 @@ def test_manifest_tolerates_a_line_cut_by_a_kill_and_last_line_wins(tmp_path: Pa
 
 
 @pytest.fixture
-def batch(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, dict, str]]:
-    def call(*args: str) -> tuple[int, dict, str]:
-        capsys.readouterr()
-        code = run(["synthesize", *args, "--model", tiny_checkpoint, "--json", *FAST])
-        out, err = capsys.readouterr()
-        return code, json.loads(out), err
-
-    return call
+def batch(synth_json: Callable[..., tuple[int, dict, str]]) -> Callable[..., tuple[int, dict, str]]:
+    return synth_json
 
 
 def _manifest(folder: Path) -> list[dict]:

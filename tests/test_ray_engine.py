@@ -63,16 +63,8 @@ def ray_session() -> Iterator[None]:
 
 
 @pytest.fixture
-def synth(tiny_checkpoint: str, capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, dict, str]]:
-    """`chatterbox synthesize ARGS --json` here, on the tiny checkpoint: (exit code, JSON, stderr)."""
-
-    def call(*args: str) -> tuple[int, dict, str]:
-        capsys.readouterr()
-        code = run(["synthesize", *args, "--model", tiny_checkpoint, "--json", *FAST])
-        out, err = capsys.readouterr()
-        return code, json.loads(out), err
-
-    return call
+def synth(synth_json: Callable[..., tuple[int, dict, str]]) -> Callable[..., tuple[int, dict, str]]:
+    return synth_json
 
 
 @pytest.fixture
@@ -365,13 +357,13 @@ def test_an_interrupted_driver_resumes_without_redoing_items(
         stderr=subprocess.PIPE,
     )
     shards = out / SHARD_DIR
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300  # a loaded CI machine: Ray and two workers start slowly
     while sum(p.read_text().count("\n") for p in shards.glob("*.jsonl")) < 3:  # items finished by workers
         assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
         assert time.monotonic() < deadline, "no item was finished in time"
         time.sleep(0.01)
     proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=60)
+    _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 130, stderr.decode()
     assert b"run the same command again to continue" in stderr
     assert not shards.exists()  # the driver merged its workers' lines before exiting
