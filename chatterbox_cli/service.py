@@ -329,13 +329,11 @@ def _load_t3(
     if plan is not None and plan["t3"].mode == "awq":
         from chatterbox_cli.quant import awq_store
 
-        found = awq_store.find(checkpoint.folder, path)
-        awq_file = found or awq_store.ensure(checkpoint, decision.device, use_cache, notify)
+        awq_file, cache = awq_store.ensure(checkpoint, decision.device, use_cache, notify)
         report = awq_store.load_t3_awq(t3, path, awq_file, decision.device, decision.dtype)
         kernels = ", ".join(f"{n} on {k}" for k, n in report.by_mode.items() if k != "awq")
         notify(f"AWQ T3: {report.quantized_layers} layers ({kernels}) from {awq_file}")
-        cache = "off" if not use_cache and found is None else "hit" if found is not None else "miss"
-        if found is None and not use_cache:
+        if cache == "off":
             shutil.rmtree(awq_file.parent, ignore_errors=True)
     elif plan is not None and plan["t3"].quantized:
         from chatterbox_cli.quant.cache import load_quantized_cached

@@ -120,12 +120,12 @@ def calibrate(checkpoint: Checkpoint, out: Path, device: torch.device, notify: N
     return path
 
 
-def ensure(checkpoint: Checkpoint, device: torch.device, use_cache: bool, notify: Notify) -> Path:
-    """This checkpoint's AWQ weights: found, or calibrated now (into the cache; with the cache off, into a
-    temporary folder that `load_t3_awq`'s caller may delete)."""
+def ensure(checkpoint: Checkpoint, device: torch.device, use_cache: bool, notify: Notify) -> tuple[Path, str]:
+    """This checkpoint's AWQ weights and where they came from: found ("hit"), or calibrated now into the
+    cache ("miss") or, with the cache off, into a temporary folder that the caller deletes ("off")."""
     found = find(checkpoint.folder, checkpoint.file("t3"))
     if found is not None:
-        return found
+        return found, "hit"
     t3_file = checkpoint.file("t3")
     where = calibration_device(device, t3_file)
     out = cache_path(t3_file) if use_cache else Path(tempfile.mkdtemp(prefix="chatterbox-awq-")) / AWQ_FILE
@@ -133,7 +133,7 @@ def ensure(checkpoint: Checkpoint, device: torch.device, use_cache: bool, notify
         f"no AWQ weights for {checkpoint.folder} yet: calibrating once, on the {where.type.upper()}; "
         "`chatterbox quantize --method awq` does this ahead of time"
     )
-    return calibrate(checkpoint, out, where, notify)
+    return calibrate(checkpoint, out, where, notify), "miss" if use_cache else "off"
 
 
 def load_t3_awq(
