@@ -13,22 +13,24 @@ python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | grep
 [ -d .refwheels ] && python3 -m pip install -q --no-deps --target /tmp/refsite .refwheels/*.whl 2>&1 | grep -v WARNING
 export PYTHONPATH=/tmp/site:$PWD
 CK=/tmp/ck-full
+# STEP_S=N stops any one step after N seconds, so a slow step leaves the call time for the next ones.
+py() { timeout -k 5 "${STEP_S:-0}" python3 "$@"; }
 for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
-    probe) python3 -m chatterbox_cli probe-vram --json | tee "$OUT/probe.json" ;;
-    tests) python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
-    speed) python3 benchmarks/speed.py --checkpoint $CK --reference-site /tmp/refsite ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -60 ;;
-    speed-ours) python3 benchmarks/speed.py --checkpoint $CK ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -40 ;;
-    memory) python3 benchmarks/memory.py --checkpoint $CK --presets ${MEM_PRESETS:-fp16,bnb-8bit,bnb-4bit} --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
-    caps) OUT= python3 benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
-    first) python3 benchmarks/first_audio.py --checkpoint $CK ${FIRST_ARGS:-} > "$OUT/first_audio.json" 2> >(tee "$OUT/first_audio.log" >&2) ;;
-    first-turbo) python3 benchmarks/first_audio.py --checkpoint /tmp/ck-turbo --variant turbo ${FIRST_TURBO_ARGS:-} > "$OUT/first_audio_turbo.json" 2> >(tee "$OUT/first_audio_turbo.log" >&2) ;;
-    variants) python3 benchmarks/variant_speed.py --folder /tmp/ck-variants ${VARIANT_ARGS:-} > "$OUT/variant_speed.json" 2> >(tee "$OUT/variant_speed.log" >&2) ;;
-    profile) python3 benchmarks/decode_profile.py --folder /tmp/ck-variants ${PROFILE_ARGS:-} > "$OUT/decode_profile.json" 2> >(tee "$OUT/decode_profile.log" >&2) ;;
-    eval) python3 -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
-    serve) python3 benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
-    small) python3 benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
+    probe) py -m chatterbox_cli probe-vram --json | tee "$OUT/probe.json" ;;
+    tests) py -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+    speed) py benchmarks/speed.py --checkpoint $CK --reference-site /tmp/refsite ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -60 ;;
+    speed-ours) py benchmarks/speed.py --checkpoint $CK ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -40 ;;
+    memory) py benchmarks/memory.py --checkpoint $CK --presets ${MEM_PRESETS:-fp16,bnb-8bit,bnb-4bit} --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
+    caps) OUT= py benchmarks/memory.py --checkpoint $CK --presets "" --caps 2,4,6 > "$OUT/caps.json" 2> "$OUT/caps.log"; tail -5 "$OUT/caps.log" ;;
+    first) py benchmarks/first_audio.py --checkpoint $CK ${FIRST_ARGS:-} > "$OUT/first_audio.json" 2> >(tee "$OUT/first_audio.log" >&2) ;;
+    first-turbo) py benchmarks/first_audio.py --checkpoint /tmp/ck-turbo --variant turbo ${FIRST_TURBO_ARGS:-} > "$OUT/first_audio_turbo.json" 2> >(tee "$OUT/first_audio_turbo.log" >&2) ;;
+    variants) py benchmarks/variant_speed.py --folder /tmp/ck-variants ${VARIANT_ARGS:-} > "$OUT/variant_speed.json" 2> >(tee "$OUT/variant_speed.log" >&2) ;;
+    profile) py benchmarks/decode_profile.py --folder /tmp/ck-variants ${PROFILE_ARGS:-} > "$OUT/decode_profile.json" 2> >(tee "$OUT/decode_profile.log" >&2) ;;
+    eval) py -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
+    serve) py benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
+    small) py benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -167,6 +167,9 @@ class Engine:
     def _round(self, group: list[Speech]) -> None:
         self.rounds += 1
         self.largest_group = max(self.largest_group, len(group))
+        started = time.perf_counter()
+        first_audio: float | None = None
+        starting = sum(s.next == 0 for s in group)
         first = group[0]
         rows = [ChunkRow(s.chunks[s.next], s.next, int(s.settings.seed or 0)) for s in group]
         pause = join_pause(SAMPLE_RATE, first.settings.pause_seconds)
@@ -177,6 +180,7 @@ class Engine:
             starts = chunk.index > 0 and not speech.in_chunk
             speech.in_chunk = not chunk.final
             speech.deliver(np.concatenate([pause, chunk.audio]) if starts else chunk.audio)
+            first_audio = first_audio or time.perf_counter() - started
             if chunk.final:
                 speech.next += 1
         with self._wake:
@@ -186,6 +190,14 @@ class Engine:
         for speech in done:
             if not speech.cancelled:
                 speech.deliver(None)
+        log.info(
+            "round %d: %d requests (%d starting), first audio after %.3f s, done after %.3f s",
+            self.rounds,
+            len(group),
+            starting,
+            first_audio or 0.0,
+            time.perf_counter() - started,
+        )
 
     def _fail(self, group: list[Speech], error: BaseException) -> None:
         if not isinstance(error, ChatterboxError):

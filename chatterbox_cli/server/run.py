@@ -5,6 +5,7 @@ finish (up to the request timeout) before the process ends."""
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 from collections.abc import Callable
 
@@ -53,6 +54,10 @@ def serve(
     if engine.builtin is not None:
         settings = SynthesisSettings(max_tokens=limits.max_tokens)
         notify(f"warmed up in {holder.warm_up(engine.builtin, WARM_UP_TEXT, settings):.1f} s")
+    rounds = logging.StreamHandler()  # one line per decoding round, beside uvicorn's lines
+    rounds.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logging.getLogger("chatterbox.server").addHandler(rounds)
+    logging.getLogger("chatterbox.server").setLevel(logging.INFO)
     engine.start()
     app = create_app(engine, limits, api_key)
     config = uvicorn.Config(
