@@ -93,7 +93,7 @@ class SynthesizeJob:
 
 
 @dataclass
-class _Run:
+class RunState:
     """What a run has produced so far; becomes the summary (also of an interrupted run)."""
 
     files: list[dict[str, object]] = field(default_factory=list)
@@ -116,7 +116,7 @@ class _Run:
 # Interrupts
 
 
-class _HoldInterrupts:
+class HoldInterrupts:
     """SIGINT raises KeyboardInterrupt as usual, except inside `critical()`, where it waits for the end.
 
     Writing a chunk, renaming a finished item and appending its manifest line are critical: an interrupt
@@ -134,7 +134,7 @@ class _HoldInterrupts:
             raise KeyboardInterrupt
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator[_HoldInterrupts]:
+    def installed(self) -> Iterator[HoldInterrupts]:
         try:
             previous = signal.signal(signal.SIGINT, self._handler)
         except ValueError:  # not the main thread: leave signals alone
@@ -228,7 +228,7 @@ def _check_output_file(path: str) -> None:
         raise UsageError(f"cannot write {path}: the folder {parent} is not writable; choose another path")
 
 
-def _prepare_output_dir(path: str) -> Path:
+def prepare_output_dir(path: str) -> Path:
     folder = Path(path)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -243,7 +243,7 @@ def _prepare_output_dir(path: str) -> Path:
     return folder
 
 
-def _read_source(job: SynthesizeJob) -> str:
+def read_source(job: SynthesizeJob) -> str:
     source = job.input_file if job.input_file is not None else job.text
     assert source is not None
     if source == "-":
@@ -274,34 +274,34 @@ def run_synthesize(job: SynthesizeJob) -> dict[str, object]:
         from chatterbox_cli.ray_engine.run import run_batch
 
         return run_batch(job)
-    text = _read_source(job)
+    text = read_source(job)
     if not text.strip():
         raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
     items: list[BatchItem] | None = None
     out_dir: Path | None = None
     if job.output_dir is not None:
         items = make_items(split_items(text, job.split or "lines"), output_format(job).extension)
-        out_dir = _prepare_output_dir(job.output_dir)
+        out_dir = prepare_output_dir(job.output_dir)
     else:
         assert job.output is not None
         _check_output_file(job.output)
     if job.save_voice is not None:
         _check_output_file(job.save_voice)
 
-    run = _Run()
+    run = RunState()
     progress = Progress(enabled=not job.quiet and stderr_is_terminal())
-    interrupts = _HoldInterrupts()
-    notify, warn = _reporters(job, run, progress)
+    interrupts = HoldInterrupts()
+    notify, warn = reporters(job, run, progress)
     with interrupts.installed(), progress:
         try:
-            return _Runner(job, run, progress, interrupts, notify, warn).execute(text, items, out_dir)
+            return Runner(job, run, progress, interrupts, notify, warn).execute(text, items, out_dir)
         except KeyboardInterrupt:
             progress.close()
-            raise Interrupted(_interrupted_message(job, run)) from None
+            raise Interrupted(interrupted_message(job, run)) from None
 
 
-def _reporters(
-    job: SynthesizeJob, run: _Run, progress: Progress
+def reporters(
+    job: SynthesizeJob, run: RunState, progress: Progress
 ) -> tuple[Callable[[str], None], Callable[[str], None]]:
     """notify and warn: a note (kept in the summary, shown on a terminal) and a warning (shown unless
     --quiet)."""
@@ -320,7 +320,7 @@ def _reporters(
     return notify, warn
 
 
-def _interrupted_message(job: SynthesizeJob, run: _Run) -> str:
+def interrupted_message(job: SynthesizeJob, run: RunState) -> str:
     if job.output_dir is not None:
         done = sum(1 for f in run.files if not f.get("skipped"))
         return (
@@ -337,15 +337,15 @@ def _interrupted_message(job: SynthesizeJob, run: _Run) -> str:
     return "interrupted before any audio was written"
 
 
-class _Runner:
+class Runner:
     """The state of one run once the model is loaded."""
 
     def __init__(
         self,
         job: SynthesizeJob,
-        run: _Run,
+        run: RunState,
         progress: Progress,
-        interrupts: _HoldInterrupts,
+        interrupts: HoldInterrupts,
         notify: Callable[[str], None],
         warn: Callable[[str], None],
     ) -> None:
@@ -374,7 +374,7 @@ class _Runner:
             todo = pending(items, out_dir, digest, job.force)
             for item in items:
                 if item not in todo:
-                    run.files.append(_file_entry(out_dir / item.filename, item))
+                    run.files.append(file_entry(out_dir / item.filename, item))
             if len(todo) < len(items):
                 self.notify(
                     f"{len(items) - len(todo)} of {len(items)} item(s) already done in {out_dir}; skipped"
@@ -653,7 +653,7 @@ class _Runner:
         return summary
 
 
-def _file_entry(path: Path, item: BatchItem) -> dict[str, object]:
+def file_entry(path: Path, item: BatchItem) -> dict[str, object]:
     """The summary entry of an item a previous run finished."""
     frames = frame_count(path)
     return {

@@ -22,7 +22,7 @@ from chatterbox_cli.batch import (
     pending,
     settings_hash,
 )
-from chatterbox_cli.jobs import SynthesizeJob, _HoldInterrupts, _Run, _Runner
+from chatterbox_cli.jobs import HoldInterrupts, Runner, RunState, SynthesizeJob
 from chatterbox_cli.pipeline import SynthesisSettings
 from chatterbox_cli.progress import Progress
 from chatterbox_cli.service import LoadRequest
@@ -232,7 +232,7 @@ def _job_hash(
         subtype=subtype,
         audio_format=audio_format,
     )
-    runner = _Runner(job, _Run(), Progress(enabled=False), _HoldInterrupts(), _ignore, _ignore)
+    runner = Runner(job, RunState(), Progress(enabled=False), HoldInterrupts(), _ignore, _ignore)
     return settings_hash(runner.hash_inputs())
 
 
@@ -297,7 +297,7 @@ def test_the_format_changes_the_hash_and_wav_keeps_the_old_one(tmp_path: Path) -
     assert hashes["wav"] == _job_hash(tmp_path)
     request = LoadRequest(model="some/model", revision="rev1")
     job = SynthesizeJob("One.", None, None, str(tmp_path), "lines", SynthesisSettings(), request)
-    runner = _Runner(job, _Run(), Progress(enabled=False), _HoldInterrupts(), _ignore, _ignore)
+    runner = Runner(job, RunState(), Progress(enabled=False), HoldInterrupts(), _ignore, _ignore)
     assert "format" not in runner.hash_inputs()
 
 

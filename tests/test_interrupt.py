@@ -20,7 +20,7 @@ from chatterbox_cli import pipeline, service
 from chatterbox_cli.audio import join_pause
 from chatterbox_cli.batch import MANIFEST_NAME
 from chatterbox_cli.cli import run
-from chatterbox_cli.jobs import _HoldInterrupts
+from chatterbox_cli.jobs import HoldInterrupts
 
 EnvFactory = Callable[..., dict[str, str]]
 FAST = ("--device", "cpu", "--max-tokens", "20", "--flow-steps", "2", "--seed", "7")
@@ -157,7 +157,7 @@ def _let_the_handler_run() -> None:
 
 
 def test_sigint_inside_a_critical_block_is_raised_when_the_block_ends() -> None:
-    holder = _HoldInterrupts()
+    holder = HoldInterrupts()
     steps: list[str] = []
     with holder.installed():
         with pytest.raises(KeyboardInterrupt):

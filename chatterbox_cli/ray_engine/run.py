@@ -26,18 +26,18 @@ from chatterbox_cli.checkpoint import looks_like_path
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
 from chatterbox_cli.jobs import (
     SAMPLE_RATE,
+    HoldInterrupts,
     Interrupted,
     ItemsFailed,
+    Runner,
+    RunState,
     SynthesizeJob,
-    _file_entry,
-    _HoldInterrupts,
-    _interrupted_message,
-    _prepare_output_dir,
-    _read_source,
-    _reporters,
-    _Run,
-    _Runner,
+    file_entry,
+    interrupted_message,
     output_format,
+    prepare_output_dir,
+    read_source,
+    reporters,
 )
 from chatterbox_cli.progress import Progress, stderr_is_terminal
 from chatterbox_cli.ray_engine.resources import WorkerPlan, items_per_batch, plan_workers
@@ -57,18 +57,18 @@ def run_batch(job: SynthesizeJob) -> dict[str, object]:
     """Do a `--engine ray` run (options already checked by jobs._check_options); return the summary."""
     address = _check(job)
     ray = _import_ray()
-    text = _read_source(job)
+    text = read_source(job)
     if not text.strip():
         raise UsageError("no text to speak: the text is empty or only whitespace; give some words")
     assert job.output_dir is not None
     items = make_items(split_items(text, job.split or "lines"), output_format(job).extension)
-    out_dir = _prepare_output_dir(job.output_dir).resolve()
+    out_dir = prepare_output_dir(job.output_dir).resolve()
 
-    run = _Run()
+    run = RunState()
     progress = Progress(enabled=not job.quiet and stderr_is_terminal())
-    interrupts = _HoldInterrupts()
-    notify, warn = _reporters(job, run, progress)
-    runner = _Runner(job, run, progress, interrupts, notify, warn)  # no model: options, seed, hash
+    interrupts = HoldInterrupts()
+    notify, warn = reporters(job, run, progress)
+    runner = Runner(job, run, progress, interrupts, notify, warn)  # no model: options, seed, hash
     from chatterbox_cli import service
 
     checkpoint = service.resolve(runner.request)  # a missing checkpoint is exit 3 before Ray starts
@@ -80,7 +80,7 @@ def run_batch(job: SynthesizeJob) -> dict[str, object]:
             merge_shards(out_dir)  # what the workers of a killed run finished
         todo = pending(items, out_dir, digest, job.force)
         waiting = set(todo)
-        run.files.extend(_file_entry(out_dir / it.filename, it) for it in items if it not in waiting)
+        run.files.extend(file_entry(out_dir / it.filename, it) for it in items if it not in waiting)
         if len(todo) < len(items):
             notify(f"{len(items) - len(todo)} of {len(items)} item(s) already done in {out_dir}; skipped")
         started_ray = False
@@ -96,7 +96,7 @@ def run_batch(job: SynthesizeJob) -> dict[str, object]:
                     rows = _speak(ray, speaker, todo, progress, notify, warn, run)
             except KeyboardInterrupt:
                 progress.close()
-                raise Interrupted(_interrupted_message(job, run)) from None
+                raise Interrupted(interrupted_message(job, run)) from None
             finally:
                 if started_ray:
                     ray.shutdown()  # stops this run's workers before their shards are merged
@@ -163,7 +163,7 @@ def _connect(ray: ModuleType, address: str | None) -> bool:
     return True
 
 
-def _worker_job(job: SynthesizeJob, runner: _Runner, checkpoint: Checkpoint, out_dir: Path) -> SynthesizeJob:
+def _worker_job(job: SynthesizeJob, runner: Runner, checkpoint: Checkpoint, out_dir: Path) -> SynthesizeJob:
     """What a worker needs: no text (items come as rows), this run's seed, absolute paths, and the hub
     commit this driver resolved, so every worker loads the same weights."""
     load = job.load
@@ -192,7 +192,7 @@ def _speak(
     progress: Progress,
     notify: Callable[[str], None],
     warn: Callable[[str], None],
-    run: _Run,
+    run: RunState,
 ) -> list[dict[str, object]]:
     """Speak `todo` on Ray Data with Speaker(**speaker) workers, following the rows as they come back;
     returns them."""
@@ -284,8 +284,8 @@ def _describe(error: BaseException) -> str:
 
 def _summary(
     job: SynthesizeJob,
-    runner: _Runner,
-    run: _Run,
+    runner: Runner,
+    run: RunState,
     rows: list[dict[str, object]],
     items: list[BatchItem],
     out_dir: Path,

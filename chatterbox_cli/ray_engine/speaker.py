@@ -2,7 +2,7 @@
 
 It loads on its first call, not in `__init__`: Ray Data calls a worker from another thread than the one
 that built it, and the warm-up (and any CUDA graph captured there) belongs to the thread that speaks. Each
-item goes through `jobs._Runner.speak_item`, the single-process mode's own code (temporary name, rename,
+item goes through `jobs.Runner.speak_item`, the single-process mode's own code (temporary name, rename,
 manifest line), with this worker's shard as the manifest. Only a small row per item goes back to the
 driver; the audio stays in the output folder.
 """
@@ -16,7 +16,7 @@ import numpy as np
 
 from chatterbox_cli.batch import BatchItem, partial_path
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
-from chatterbox_cli.jobs import SynthesizeJob, _HoldInterrupts, _Run, _Runner, output_format
+from chatterbox_cli.jobs import HoldInterrupts, Runner, RunState, SynthesizeJob, output_format
 from chatterbox_cli.progress import Progress
 from chatterbox_cli.ray_engine.shards import shard_manifest
 
@@ -40,7 +40,7 @@ class Speaker:
         self.job, self.digest, self.out_dir, self.mark = job, digest, Path(job.output_dir), mark
         self.extension = output_format(job).extension
         self.worker = ray.get_runtime_context().get_actor_id() or f"pid-{os.getpid()}"
-        self.runner: _Runner | None = None
+        self.runner: Runner | None = None
         self.start_error: ChatterboxError | None = None
         self.warnings: list[str] = []
 
@@ -62,11 +62,11 @@ class Speaker:
             rows = [self._speak(self.runner, item) for item in items]
         return {key: np.array([row[key] for row in rows]) for key in ROW_COLUMNS}
 
-    def _start(self, first: BatchItem) -> _Runner:
+    def _start(self, first: BatchItem) -> Runner:
         """Check the output folder is the driver's, load the model and the voice, and warm up on `first`'s
         first chunk."""
-        runner = _Runner(
-            self.job, _Run(), Progress(enabled=False), _HoldInterrupts(), _quiet, self.warnings.append
+        runner = Runner(
+            self.job, RunState(), Progress(enabled=False), HoldInterrupts(), _quiet, self.warnings.append
         )
         runner.manifest = shard_manifest(self.out_dir, self.worker, self.mark)
         runner.load()
@@ -81,7 +81,7 @@ class Speaker:
         row: dict[str, object] = {"file": item.filename, "status": status, "frames": 0, "chunks": 0}
         return {**row, "error": "", "exit_code": 0, "warnings": "", "worker": self.worker, **values}
 
-    def _speak(self, runner: _Runner, item: BatchItem) -> dict[str, object]:
+    def _speak(self, runner: Runner, item: BatchItem) -> dict[str, object]:
         """Speak one item; an error becomes a `failed` line in the shard and a failed row."""
         said = len(self.warnings)
         row = self._row(item, "done")
