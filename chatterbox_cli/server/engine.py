@@ -169,6 +169,7 @@ class Engine:
         self.largest_group = max(self.largest_group, len(group))
         started = time.perf_counter()
         first_audio: float | None = None
+        t3_s = render_s = early_s = 0.0  # per-row shares summed: the round's T3 and S3Gen time
         starting = sum(s.next == 0 for s in group)
         first = group[0]
         rows = [ChunkRow(s.chunks[s.next], s.next, int(s.settings.seed or 0)) for s in group]
@@ -182,6 +183,10 @@ class Engine:
             speech.deliver(np.concatenate([pause, chunk.audio]) if starts else chunk.audio)
             first_audio = first_audio or time.perf_counter() - started
             if chunk.final:
+                t3_s, render_s = t3_s + chunk.t3_s, render_s + chunk.s3gen_s
+            else:
+                early_s += chunk.s3gen_s
+            if chunk.final:
                 speech.next += 1
         with self._wake:
             done = [s for s in group if s.next == len(s.chunks) or s.cancelled]
@@ -191,12 +196,16 @@ class Engine:
             if not speech.cancelled:
                 speech.deliver(None)
         log.info(
-            "round %d: %d requests (%d starting), first audio after %.3f s, done after %.3f s",
+            "round %d: %d requests (%d starting), first audio after %.3f s, done after %.3f s "
+            "(T3 after the early pieces %.3f s, early pieces' S3Gen %.3f s, S3Gen %.3f s)",
             self.rounds,
             len(group),
             starting,
             first_audio or 0.0,
             time.perf_counter() - started,
+            t3_s,
+            early_s,
+            render_s,
         )
 
     def _fail(self, group: list[Speech], error: BaseException) -> None:
