@@ -8,7 +8,9 @@ shortcut), and tokens/s with CUDA graphs at batch 1. Then, for Turbo, the
 same tokens/s with each candidate in --candidates applied (the candidates are defined here, as patches, so
 one process compares them side by side; a winner moves into the model code):
 
-- gelu-epilogue: GPT-2's MLP as one cuBLASLt addmm with a bias + tanh-GELU epilogue
+- unfused: GPT-2's blocks on the torch path (t3.FUSED_GPT2_DECODE off), not the fused Triton kernels
+- gelu-epilogue: GPT-2's MLP on the torch path as one cuBLASLt addmm with a bias + tanh-GELU epilogue
+  (applies with unfused only)
 - sdpa-math / sdpa-efficient / sdpa-cudnn: one attention backend forced for the whole decode step
 - compiled: torch.compile(mode="reduce-overhead") of the decode body instead of our graph
 
@@ -70,6 +72,12 @@ def candidate(name: str) -> Iterator[dict[str, object]]:
 def _one_candidate(name: str) -> Iterator[dict[str, object]]:
     if name == "baseline":
         yield {}
+    elif name == "unfused":
+        t3_module.FUSED_GPT2_DECODE = False
+        try:
+            yield {}
+        finally:
+            t3_module.FUSED_GPT2_DECODE = True
     elif name == "gelu-epilogue":
         original = t3_module.GPT2MLP.forward
         t3_module.GPT2MLP.forward = _gelu_epilogue  # type: ignore[method-assign]
@@ -186,6 +194,9 @@ def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> d
         },
         "tokens_per_s": {},
     }
+    if variant == "turbo":
+        with candidate("unfused"):
+            result["eager_step_unfused"] = _kernels(decoding.step.advance)
     for name in candidates if variant == "turbo" else ["baseline"]:
         try:
             with candidate(name) as extra:
@@ -206,8 +217,8 @@ def main() -> None:
     ap.add_argument("--folder", type=Path, default=Path("/tmp/ck-variants"))
     ap.add_argument("--tokens", type=int, default=400)
     every = (
-        "baseline,gelu-epilogue,sdpa-math,sdpa-efficient,sdpa-cudnn,gelu-epilogue+sdpa-cudnn,"
-        "gelu-epilogue+sdpa-math,compiled"
+        "baseline,unfused,unfused+gelu-epilogue,sdpa-math,sdpa-efficient,sdpa-cudnn,"
+        "unfused+gelu-epilogue+sdpa-cudnn,compiled"
     )
     ap.add_argument("--candidates", default=every)
     args = ap.parse_args()

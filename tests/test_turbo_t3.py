@@ -146,13 +146,17 @@ def test_parity_the_start_token_is_in_the_history_at_the_first_step_only(t3: T3,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_graph_decoding_equals_eager_decoding(t3: T3, fixture: Fixture) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager_decoding(t3: T3, fixture: Fixture, dtype: torch.dtype) -> None:
     """The GPT-2 decode step (learned positions, biased projections, Turbo's sampling) captured as a CUDA
-    graph gives the tokens of eager steps, for a batch of two texts of different lengths."""
+    graph gives the tokens of eager steps, for a batch of two texts of different lengths; in bf16 the
+    steps go through the fused Triton kernels (models/gpt2_fused.py), in float32 through torch."""
     fx, _ = fixture
     gpu = T3(t3.config)
     gpu.load_state_dict(t3.state_dict())
-    gpu = gpu.to("cuda").eval()
+    gpu = gpu.to("cuda", dtype).eval()
+    probe = torch.zeros(2, 1, t3.config.hidden_size, device="cuda", dtype=dtype)
+    assert (gpu.tfmr.h[0]._fused_kernels(probe) is not None) == (dtype == torch.bfloat16)
     texts = [fx["text_tokens"], fx["text_tokens"][:, :7]]
     sampling = SamplingSettings(0.8, 0.0, 0.95, 1.2, top_k=1000, penalty_last=True)
 

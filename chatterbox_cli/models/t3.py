@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
 from typing import Any, Literal
 
 import torch
@@ -561,6 +563,19 @@ class GPT2MLP(nn.Module):
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
+# Decode steps of GPT-2 blocks through models/gpt2_fused.py's Triton kernels where they apply (CUDA, 1-4
+# rows, 16-bit plain Linears): five launches a layer instead of about eleven. False: the torch path only.
+FUSED_GPT2_DECODE = True
+
+
+@functools.cache
+def _gpt2_fused() -> ModuleType | None:
+    """models/gpt2_fused, imported on first use (importing triton takes a while), or None without triton."""
+    from chatterbox_cli.models import gpt2_fused
+
+    return gpt2_fused if gpt2_fused.available() else None
+
+
 class GPT2Block(nn.Module):
     def __init__(self, config: T3Config) -> None:
         super().__init__()
@@ -577,8 +592,40 @@ class GPT2Block(nn.Module):
         bias: Tensor | None = None,
         watch: tuple[list[int], list[Tensor]] | None = None,
     ) -> Tensor:
+        if cache is not None and x.shape[1] == 1 and watch is None and (fused := self._fused_kernels(x)):
+            return self._fused_step(fused, x, cache, columns, bias)
         x = x + self.attn.c_proj(self.attn(self.ln_1(x), cache, columns, bias, watch))
         return x + self.mlp(self.ln_2(x))
+
+    def _fused_kernels(self, x: Tensor) -> ModuleType | None:
+        """gpt2_fused where it takes this step's rows and every Linear of the block, else None."""
+        if not FUSED_GPT2_DECODE or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            return None  # on the CPU only under Triton's interpreter (tests)
+        linears = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+        if any(type(m) is not nn.Linear for m in linears):  # bitsandbytes and AWQ layers: the torch path
+            return None
+        fused = _gpt2_fused()
+        weights = [t for m in (*linears, self.ln_1, self.ln_2) for t in (m.weight, m.bias)]
+        return fused if fused is not None and fused.usable(x.view(x.shape[0], -1), *weights) else None
+
+    def _fused_step(
+        self, fused: ModuleType, x: Tensor, cache: Tensor, columns: Tensor | None, bias: Tensor | None
+    ) -> Tensor:
+        """One token per row [rows, 1, hidden] through the block; x is updated in place and returned."""
+        rows = x.shape[0]
+        h = x.view(rows, -1)
+        attn, mlp = self.attn, self.mlp
+        qkv = fused.layer_norm_linear(
+            h, self.ln_1.weight, self.ln_1.bias, self.ln_1.eps, attn.c_attn.weight, attn.c_attn.bias
+        )
+        heads = qkv.view(rows, 1, 3 * attn.n_heads, attn.head_dim).transpose(1, 2)
+        out = attend(heads, attn.n_heads, cache, columns, bias).reshape(rows, -1).contiguous()
+        fused.linear_add_(h, out, attn.c_proj.weight, attn.c_proj.bias)
+        up = fused.layer_norm_linear(
+            h, self.ln_2.weight, self.ln_2.bias, self.ln_2.eps, mlp.c_fc.weight, mlp.c_fc.bias, gelu=True
+        )
+        fused.linear_add_(h, up, mlp.c_proj.weight, mlp.c_proj.bias)
+        return x
 
 
 class GPT2Backbone(nn.Module):
