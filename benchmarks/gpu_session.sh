@@ -19,7 +19,7 @@ for step in "$@"; do
   echo "=== $step $(date +%T)"
   case $step in
     probe) py -m chatterbox_cli probe-vram --json | tee "$OUT/probe.json" ;;
-    tests) py -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+    tests) py -m pytest -m gpu -q -p no:cacheprovider ${TESTS:-} 2>&1 | tee "$OUT/gpu-tests${TESTS_TAG:-}.log" | tail -15 ;;
     speed) py benchmarks/speed.py --checkpoint $CK --reference-site /tmp/refsite ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -60 ;;
     speed-ours) py benchmarks/speed.py --checkpoint $CK ${SPEED_ARGS:-} 2>&1 | tee "$OUT/speed.log" | tail -40 ;;
     memory) py benchmarks/memory.py --checkpoint $CK --presets ${MEM_PRESETS:-fp16,bnb-8bit,bnb-4bit} --caps "" --budget-s ${MEM_BUDGET:-400} > "$OUT/memory.json" 2> "$OUT/memory.log"; tail -5 "$OUT/memory.log" ;;
