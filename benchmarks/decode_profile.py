@@ -155,6 +155,7 @@ def _sampling_us(model: service.LoadedModel, sampling: object, choose: Callable[
     return round((time.perf_counter() - t) / 500 * 1e6, 1)
 
 
+@torch.inference_mode()
 def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> dict[str, object]:
     request = service.LoadRequest(model=str(folder), preset="fp16", variant=variant, max_tokens=tokens)
     model = service.load(request)

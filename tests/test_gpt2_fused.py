@@ -171,7 +171,7 @@ from chatterbox_cli.models import gpt2_fused as fused
 cases = torch.load(sys.argv[1])
 outputs = []
 for case in cases:
-    fused.block_n = lambda out, bn=case["block_n"]: bn  # force each configuration, not only the chosen one
+    fused.block_n = lambda out, inp, bn=case["block_n"]: bn  # force each configuration, not only chosen ones
     args = (case["ln_w"], case["ln_b"], case["w"], case["b"])
     assert fused.usable(case["x"], *args) and fused.usable(case["x2"], case["w"], case["b"], case["res"])
     y = fused.layer_norm_linear(case["x"], *args[:2], 1e-5, *args[2:], case["gelu"])
@@ -258,9 +258,10 @@ def test_cpu_tensors_are_not_usable_without_the_interpreter(
 def test_fused_kernels_are_optional(monkeypatch: pytest.MonkeyPatch) -> None:
     """Without triton (simulated) nothing is usable and the kernels say what they need; the fixed
     configurations of the full-size shapes."""
-    assert [gpt2_fused.block_n(out) for out in (1024, 3072, 4096, 40)] == [4, 8, 16, 4]
-    assert gpt2_fused.block_k(1024, 8) == 256 and gpt2_fused.block_k(4096, 4) == 512
-    assert gpt2_fused.block_k(96, 4) == 128 and gpt2_fused.block_k(3, 16) == gpt2_fused.MIN_BLOCK_K
+    shapes = [(1024, 1024), (3072, 1024), (4096, 1024), (1024, 4096), (40, 96)]  # (out, in)
+    assert [gpt2_fused.block_n(out, inp) for out, inp in shapes] == [4, 8, 16, 4, 1]
+    assert gpt2_fused.block_k(1024) == 1024 and gpt2_fused.block_k(4096) == 4096
+    assert gpt2_fused.block_k(96) == 128 and gpt2_fused.block_k(3) == gpt2_fused.MIN_BLOCK_K
     monkeypatch.setattr(gpt2_fused, "triton", None)
     assert not gpt2_fused.available()
     x, w, b = torch.zeros(1, 64, dtype=torch.float16), torch.zeros(8, 64, dtype=torch.float16), torch.zeros(8)

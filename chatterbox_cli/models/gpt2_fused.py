@@ -9,15 +9,13 @@ about eleven. With these kernels a layer takes five:
     4. layer_norm_linear(h, ln_2, c_fc, gelu=True)  LN2 + MLP up projection + bias + tanh-GELU
     5. linear_add_(h, mlp, mlp.c_proj)              MLP down projection + bias + residual, in place
 
-Both kernels are GEMVs over a few rows: one program per BLOCK_N outputs loops over the input in BLOCK_K
-steps, reading a [BLOCK_N, BLOCK_K] tile of the weight (nn.Linear layout [out, in], contiguous, so each
-weight row's step is one contiguous run) and the matching [rows, BLOCK_K] slice of the input, and
-accumulates sum_k x[r, k] * w[n, k] for all rows in float32. layer_norm_linear first computes each row's
-mean and variance over the whole input (two passes, mean then centred squares; every program recomputes
-them: x is a few KiB and sits in cache) and normalises each x slice as it loads it, in float32: the
-normalised input is never rounded to half precision, unlike the torch path's. All arithmetic is float32;
-the result is rounded once, to x's dtype. No atomics and no split over K: a program's reduction order is
-fixed by its shape and constants, so results are bitwise reproducible run to run.
+Both kernels are GEMVs over a few rows: one program per BLOCK_N outputs loads its whole [BLOCK_N, in]
+weight tile at once (nn.Linear layout [out, in], contiguous: each weight row is one contiguous run) and,
+for each row in turn, the row's input, and reduces sum_k x[r, k] * w[n, k] in float32. layer_norm_linear
+takes the row's mean and variance from the same registers (mean, then centred squares) and normalises in
+float32: the normalised input is never rounded to half precision, unlike the torch path's. All arithmetic
+is float32; the result is rounded once, to x's dtype. No atomics and no split over the input: a
+program's reduction order is fixed by its shape and constants, so results are bitwise reproducible.
 
 There is no autotuning: the kernels are launched inside CUDA-graph capture, so each shape's configuration
 is a fixed function of the shape (`block_n`, `block_k`).
@@ -41,19 +39,19 @@ except ImportError:  # no triton: available() is False
     triton = tl = None
 
 MAX_ROWS = 4  # rows one call takes: a decode step of one or two sequences, each with its CFG row
-# Outputs per program: the largest of these leaving at least MIN_PROGRAMS programs, so that every SM of
-# an H100 (132) has work, two programs on most, and their loads overlap. A memory-bound GEMV is limited
-# by bytes in flight; with out = 1024 (both c_proj) BLOCK_N = 4 gives 256 programs, with out = 3072
-# (c_attn) 8 gives 384, with out = 4096 (c_fc) 16 gives 256. Not tuned: no GPU was at hand when written.
-BLOCK_N_CHOICES = (16, 8, 4)
+# Each program reads its whole [BLOCK_N, in] weight tile in one go and keeps it in registers for every row:
+# a GEMV this small is bound by memory latency, so what counts is the bytes in flight per SM, not a loop.
+# (A first version looped over `in` in 4 KiB steps and recomputed the LayerNorm statistics from memory:
+# 13 us per LN+c_attn/c_fc call on an H100 against cuBLAS's 5 us, benchmarks/decode_profile.py.)
+# BLOCK_N: the largest choice leaving at least MIN_PROGRAMS programs (two or three per SM of an H100's
+# 132) whose tile holds at most MAX_TILE elements: 8 for c_attn (384 programs of 16 KiB), 16 for c_fc
+# (256 of 32 KiB), 4 for both c_proj (256 of 8 and 32 KiB).
+BLOCK_N_CHOICES = (16, 8, 4, 2, 1)
 MIN_PROGRAMS = 256
-# Weight elements per program and step: BLOCK_K = TILE / BLOCK_N (512, 256 or 128 inputs). Each weight
-# row's step is then 256 to 1024 contiguous bytes in fp16/bf16 (whole 128-byte lines, loaded as 16-byte
-# vectors), a step reads 4 KiB of weight, and the float32 [rows, BLOCK_N, BLOCK_K] product of 4 rows is
-# 8192 values: 64 registers a thread at NUM_WARPS = 4, which leaves room for the loads in flight.
-TILE = 2048
-MIN_BLOCK_K = 16  # tl.arange wants a power of two; tiny inputs (the test model's 32..128) get one step
-NUM_WARPS = 4
+MAX_TILE = 16384  # weight elements a program holds: 64 float32 registers a thread at NUM_WARPS = 8
+MAX_IN = 8192  # the widest input a tile row takes (in, rounded up to a power of two)
+MIN_BLOCK_K = 16  # tl.arange wants a power of two of at least 16
+NUM_WARPS = 8
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
@@ -62,17 +60,18 @@ def available() -> bool:
     return triton is not None
 
 
-def block_n(out_features: int) -> int:
-    """Outputs per program: the largest choice that still gives MIN_PROGRAMS programs, else the smallest."""
-    for n in BLOCK_N_CHOICES:
+def block_k(in_features: int) -> int:
+    """A tile row: the whole input, rounded up to a power of two (masked past `in_features`)."""
+    return max(MIN_BLOCK_K, 1 << max(0, in_features - 1).bit_length())
+
+
+def block_n(out_features: int, in_features: int) -> int:
+    """Outputs per program (see BLOCK_N_CHOICES)."""
+    fitting = [n for n in BLOCK_N_CHOICES if n * block_k(in_features) <= MAX_TILE]
+    for n in fitting:
         if -(-out_features // n) >= MIN_PROGRAMS:
             return n
-    return BLOCK_N_CHOICES[-1]
-
-
-def block_k(in_features: int, bn: int) -> int:
-    """Inputs per step: TILE / BLOCK_N, but no wider than the input rounded up to a power of two."""
-    return max(MIN_BLOCK_K, min(TILE // bn, 1 << max(0, in_features - 1).bit_length()))
+    return fitting[-1]
 
 
 def _jit(fn: Callable) -> Callable:
@@ -88,63 +87,36 @@ def _layer_norm_linear_kernel(
     w_ptr,  # [out, in], contiguous
     b_ptr,  # [out]
     y_ptr,  # [rows, out], contiguous, x's dtype
-    rows,
     out_features,
     in_features,
     eps,
     GELU: tl.constexpr,
-    BLOCK_R: tl.constexpr,  # rows padded to a power of two
+    BLOCK_R: tl.constexpr,  # = rows: the rows loop is unrolled
     BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # the whole input, a power of two
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's outputs
-    r = tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_K)
-    n_ok, r_ok = n < out_features, r < rows
-
-    # The rows' statistics over the whole input, in float32: the mean, then the mean of the centred squares
-    # (two passes: no cancellation when the mean is large against the spread). Padding reads 0 and is
-    # masked out of the centred sum.
-    total = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        ok = r_ok[:, None] & (k0 + k < in_features)[None, :]
-        x = tl.load(x_ptr + r[:, None] * in_features + (k0 + k)[None, :], mask=ok, other=0.0)
-        total += tl.sum(x.to(tl.float32), axis=1)
-    mean = total / in_features
-    squares = tl.zeros((BLOCK_R,), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        ok = r_ok[:, None] & (k0 + k < in_features)[None, :]
-        x = tl.load(x_ptr + r[:, None] * in_features + (k0 + k)[None, :], mask=ok, other=0.0)
-        centred = tl.where(ok, x.to(tl.float32) - mean[:, None], 0.0)
-        squares += tl.sum(centred * centred, axis=1)
-    rstd = 1.0 / tl.sqrt(squares / in_features + eps)  # biased variance, as nn.LayerNorm
-
-    # The GEMV on the normalised input, never rounded below float32.
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        k_ok = k0 + k < in_features
-        ok = r_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + r[:, None] * in_features + (k0 + k)[None, :], mask=ok, other=0.0)
-        g = tl.load(ln_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-        beta = tl.load(ln_b_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-        xn = (x.to(tl.float32) - mean[:, None]) * rstd[:, None] * g[None, :] + beta[None, :]
-        xn = tl.where(ok, xn, 0.0)  # padded inputs contribute nothing (the weight tile is 0 there too)
-        w = tl.load(
-            w_ptr + n[:, None] * in_features + (k0 + k)[None, :],
-            mask=n_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        acc += tl.sum(xn[:, None, :] * w[None, :, :], axis=2)  # [BLOCK_R, BLOCK_N]
-    acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    if GELU:
-        # 0.5 v (1 + tanh(u)) = v * sigmoid(2 u) = v / (1 + exp(-2 u)): one exp, no tanh needed, and
-        # exact limits (exp overflows to inf for large negative v: -0; underflows to 0 for large v: v).
-        u = 0.7978845608028654 * (
-            acc + 0.044715 * acc * acc * acc
-        )  # sqrt(2 / pi): a literal, jit reads no globals
-        acc = acc / (1.0 + tl.exp(-2.0 * u))
-    y_at = y_ptr + r[:, None] * out_features + n[None, :]
-    tl.store(y_at, acc.to(y_ptr.dtype.element_ty), mask=r_ok[:, None] & n_ok[None, :])
+    n_ok, k_ok = n < out_features, k < in_features
+    w = tl.load(w_ptr + n[:, None] * in_features + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    g = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    beta = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+    bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    for r in tl.static_range(BLOCK_R):
+        x = tl.load(x_ptr + r * in_features + k, mask=k_ok, other=0.0).to(tl.float32)
+        # The row's statistics from registers, in float32: the mean, then the mean of the centred squares
+        # (no cancellation when the mean is large against the spread). Biased variance, as nn.LayerNorm.
+        mean = tl.sum(x, axis=0) / in_features
+        centred = tl.where(k_ok, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / in_features + eps)
+        xn = tl.where(k_ok, centred * rstd * g + beta, 0.0)  # never rounded below float32
+        acc = tl.sum(w.to(tl.float32) * xn[None, :], axis=1) + bias  # [BLOCK_N]
+        if GELU:
+            # 0.5 v (1 + tanh(u)) = v * sigmoid(2 u) = v / (1 + exp(-2 u)): one exp, no tanh needed, and
+            # exact limits (exp overflows to inf for large negative v: -0; underflows to 0 for large v: v).
+            u = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)  # sqrt(2 / pi) as a literal
+            acc = acc / (1.0 + tl.exp(-2.0 * u))
+        tl.store(y_ptr + r * out_features + n, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 @_jit
@@ -153,7 +125,6 @@ def _linear_add_kernel(
     x_ptr,  # [rows, in], contiguous
     w_ptr,  # [out, in], contiguous
     b_ptr,  # [out]
-    rows,
     out_features,
     in_features,
     BLOCK_R: tl.constexpr,
@@ -161,29 +132,17 @@ def _linear_add_kernel(
     BLOCK_K: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.arange(0, BLOCK_R)
     k = tl.arange(0, BLOCK_K)
-    n_ok, r_ok = n < out_features, r < rows
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, in_features, BLOCK_K):
-        k_ok = k0 + k < in_features
-        x = tl.load(
-            x_ptr + r[:, None] * in_features + (k0 + k)[None, :],
-            mask=r_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        w = tl.load(
-            w_ptr + n[:, None] * in_features + (k0 + k)[None, :],
-            mask=n_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        ).to(tl.float32)
-        acc += tl.sum(x[:, None, :] * w[None, :, :], axis=2)
-    acc += tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    # Each output is read and written by this program only: the in-place update needs no atomics.
-    res_at = res_ptr + r[:, None] * out_features + n[None, :]
-    ok = r_ok[:, None] & n_ok[None, :]
-    acc += tl.load(res_at, mask=ok, other=0.0).to(tl.float32)
-    tl.store(res_at, acc.to(res_ptr.dtype.element_ty), mask=ok)
+    n_ok, k_ok = n < out_features, k < in_features
+    w = tl.load(w_ptr + n[:, None] * in_features + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+    bias = tl.load(b_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
+    for r in tl.static_range(BLOCK_R):
+        x = tl.load(x_ptr + r * in_features + k, mask=k_ok, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * x[None, :], axis=1) + bias
+        # Each output is read and written by this program only: the in-place update needs no atomics.
+        at = res_ptr + r * out_features + n
+        acc += tl.load(at, mask=n_ok, other=0.0).to(tl.float32)
+        tl.store(at, acc.to(res_ptr.dtype.element_ty), mask=n_ok)
 
 
 def _interpreted() -> bool:
@@ -198,8 +157,11 @@ def _interpreted() -> bool:
 def usable(x: Tensor, *weights: Tensor) -> bool:
     """Whether the fused kernels take this call: triton imported, x [rows, in] contiguous with
     1 <= rows <= MAX_ROWS, on CUDA (or on the CPU under TRITON_INTERPRET=1), and x and every weight
-    float16 or bfloat16 of one dtype, on x's device, contiguous. Anything else takes the torch path."""
+    float16 or bfloat16 of one dtype, on x's device, contiguous, no input wider than MAX_IN. Anything else
+    takes the torch path."""
     if triton is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or not x.is_contiguous():
+        return False
+    if max(t.shape[-1] for t in (x, *weights)) > MAX_IN:
         return False
     if not (x.is_cuda or (x.device.type == "cpu" and _interpreted())):
         return False
@@ -215,6 +177,8 @@ def _check(x: Tensor, weight: Tensor, bias: Tensor) -> tuple[int, int, int]:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS:
         raise ValueError(f"x must be [1..{MAX_ROWS}, in], got {tuple(x.shape)}")
     rows, in_features = x.shape
+    if in_features > MAX_IN:
+        raise ValueError(f"inputs wider than {MAX_IN} are not supported, got {in_features}")
     out_features = weight.shape[0]
     if tuple(weight.shape) != (out_features, in_features) or tuple(bias.shape) != (out_features,):
         raise ValueError(f"weight must be [out, {in_features}] and bias [out], got {tuple(weight.shape)}")
@@ -238,7 +202,7 @@ def layer_norm_linear(
     if tuple(ln_weight.shape) != (in_features,) or tuple(ln_bias.shape) != (in_features,):
         raise ValueError(f"the LayerNorm's weight and bias must be [{in_features}]")
     y = torch.empty(rows, out_features, dtype=x.dtype, device=x.device)
-    bn = block_n(out_features)
+    bn = block_n(out_features, in_features)
     _layer_norm_linear_kernel[(triton.cdiv(out_features, bn),)](
         x,
         ln_weight,
@@ -246,14 +210,13 @@ def layer_norm_linear(
         weight,
         bias,
         y,
-        rows,
         out_features,
         in_features,
         float(eps),
         GELU=gelu,
-        BLOCK_R=triton.next_power_of_2(rows),
+        BLOCK_R=rows,
         BLOCK_N=bn,
-        BLOCK_K=block_k(in_features, bn),
+        BLOCK_K=block_k(in_features),
         num_warps=NUM_WARPS,
     )
     return y
@@ -265,18 +228,17 @@ def linear_add_(residual: Tensor, x: Tensor, weight: Tensor, bias: Tensor) -> Te
     rows, in_features, out_features = _check(x, weight, bias)
     if tuple(residual.shape) != (rows, out_features) or not residual.is_contiguous():
         raise ValueError(f"residual must be contiguous [{rows}, {out_features}], got {tuple(residual.shape)}")
-    bn = block_n(out_features)
+    bn = block_n(out_features, in_features)
     _linear_add_kernel[(triton.cdiv(out_features, bn),)](
         residual,
         x,
         weight,
         bias,
-        rows,
         out_features,
         in_features,
-        BLOCK_R=triton.next_power_of_2(rows),
+        BLOCK_R=rows,
         BLOCK_N=bn,
-        BLOCK_K=block_k(in_features, bn),
+        BLOCK_K=block_k(in_features),
         num_warps=NUM_WARPS,
     )
     return residual
