@@ -8,9 +8,7 @@ shortcut), and tokens/s with CUDA graphs at batch 1. Then, for Turbo, the
 same tokens/s with each candidate in --candidates applied (the candidates are defined here, as patches, so
 one process compares them side by side; a winner moves into the model code):
 
-- unfused: GPT-2's blocks on the torch path (t3.FUSED_GPT2_DECODE off), not the fused Triton kernels
-- gelu-epilogue: GPT-2's MLP on the torch path as one cuBLASLt addmm with a bias + tanh-GELU epilogue
-  (applies with unfused only)
+- fused: GPT-2's blocks through the fused Triton kernels (t3.FUSED_GPT2_DECODE on; models/gpt2_fused.py)
 - sdpa-math / sdpa-efficient / sdpa-cudnn: one attention backend forced for the whole decode step
 - compiled: torch.compile(mode="reduce-overhead") of the decode body instead of our graph
 
@@ -52,12 +50,6 @@ SENTENCE = "The keeper lit the lamp and watched the sea until the ships came hom
 STEPS = 32
 
 
-def _gelu_epilogue(self: t3_module.GPT2MLP, x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1, x.shape[-1])
-    h = torch._addmm_activation(self.c_fc.bias, flat, self.c_fc.weight.t(), use_gelu=True)
-    return self.c_proj(h).view(*x.shape[:-1], -1)
-
-
 @contextlib.contextmanager
 def candidate(name: str) -> Iterator[dict[str, object]]:
     """Apply a candidate ("a+b": several) for the duration of the block; yields decode options to pass."""
@@ -72,19 +64,12 @@ def candidate(name: str) -> Iterator[dict[str, object]]:
 def _one_candidate(name: str) -> Iterator[dict[str, object]]:
     if name == "baseline":
         yield {}
-    elif name == "unfused":
-        t3_module.FUSED_GPT2_DECODE = False
+    elif name == "fused":
+        t3_module.FUSED_GPT2_DECODE = True
         try:
             yield {}
         finally:
-            t3_module.FUSED_GPT2_DECODE = True
-    elif name == "gelu-epilogue":
-        original = t3_module.GPT2MLP.forward
-        t3_module.GPT2MLP.forward = _gelu_epilogue  # type: ignore[method-assign]
-        try:
-            yield {}
-        finally:
-            t3_module.GPT2MLP.forward = original  # type: ignore[method-assign]
+            t3_module.FUSED_GPT2_DECODE = False
     elif name.startswith("sdpa-"):
         backend = {
             "math": SDPBackend.MATH,
@@ -196,8 +181,8 @@ def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> d
         "tokens_per_s": {},
     }
     if variant == "turbo":
-        with candidate("unfused"):
-            result["eager_step_unfused"] = _kernels(decoding.step.advance)
+        with candidate("fused"):
+            result["eager_step_fused"] = _kernels(decoding.step.advance)
     for name in candidates if variant == "turbo" else ["baseline"]:
         try:
             with candidate(name) as extra:
@@ -209,7 +194,7 @@ def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> d
         x = torch.randn(1, 1, model.t3.config.hidden_size, device="cuda", dtype=model.dtype)
         mlp = model.t3.tfmr.h[0].mlp
         reference = mlp.c_proj(F.gelu(mlp.c_fc(x), approximate="tanh"))
-        result["gelu_epilogue_max_abs_diff"] = float((_gelu_epilogue(mlp, x) - reference).abs().max())
+        result["gelu_epilogue_max_abs_diff"] = float((mlp(x) - reference).abs().max())  # the model's MLP
     return result
 
 
@@ -217,10 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", type=Path, default=Path("/tmp/ck-variants"))
     ap.add_argument("--tokens", type=int, default=400)
-    every = (
-        "baseline,unfused,unfused+gelu-epilogue,sdpa-math,sdpa-efficient,sdpa-cudnn,"
-        "unfused+gelu-epilogue+sdpa-cudnn,compiled"
-    )
+    every = "baseline,fused,sdpa-math,sdpa-efficient,sdpa-cudnn,fused+sdpa-cudnn,compiled"
     ap.add_argument("--candidates", default=every)
     args = ap.parse_args()
     if not torch.cuda.is_available():

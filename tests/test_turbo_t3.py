@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from chatterbox_cli.models import t3 as t3_module
 from chatterbox_cli.models.conds import T3Cond
 from chatterbox_cli.models.loading import infer_t3_config, load_t3
 from chatterbox_cli.models.sampling import SamplingSettings
@@ -147,10 +148,14 @@ def test_parity_the_start_token_is_in_the_history_at_the_first_step_only(t3: T3,
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decoding_equals_eager_decoding(t3: T3, fixture: Fixture, dtype: torch.dtype) -> None:
+def test_cuda_graph_decoding_equals_eager_decoding(
+    t3: T3, fixture: Fixture, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The GPT-2 decode step (learned positions, biased projections, Turbo's sampling) captured as a CUDA
     graph gives the tokens of eager steps, for a batch of two texts of different lengths; in bf16 the
-    steps go through the fused Triton kernels (models/gpt2_fused.py), in float32 through torch."""
+    steps go through the fused Triton kernels (models/gpt2_fused.py, switched on here), in float32
+    through torch."""
+    monkeypatch.setattr(t3_module, "FUSED_GPT2_DECODE", True)
     fx, _ = fixture
     gpu = T3(t3.config)
     gpu.load_state_dict(t3.state_dict())
@@ -177,3 +182,37 @@ def test_cuda_graph_decoding_equals_eager_decoding(t3: T3, fixture: Fixture, dty
     graphed = decode(True)
     assert gpu.last_decode_mode == "cuda-graph"
     assert graphed == eager
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mlp_gelu_epilogue_on_cuda_is_gpt2s_mlp(t3: T3) -> None:
+    """On CUDA GPT2MLP folds c_fc's bias and tanh-GELU into the matmul (cuBLASLt epilogue); it computes
+    c_proj(gelu_new(c_fc(x))) all the same. In float32 with TF32 off each sum of K products is within
+    gamma_{K+1} (Higham: (K+1) * 2^-24, any order) of the sum of magnitudes; GELU's slope is at most
+    1.13 and its float32 evaluation adds a few units of 2^-24; propagated through c_proj, that bounds
+    the distance to float64 per output element on any GPU."""
+    mlp = t3.tfmr.h[0].mlp
+    gpu = GPT2Backbone(t3.config).h[0].mlp
+    gpu.load_state_dict(mlp.state_dict())
+    gpu = gpu.to("cuda").float()
+    x = torch.randn(5, 3, t3.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.inference_mode():
+            y = gpu(x.cuda()).cpu().double()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    fc_w, fc_b = mlp.c_fc.weight.double(), mlp.c_fc.bias.double()
+    pre = x.double() @ fc_w.T + fc_b
+    hidden = 0.5 * pre * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (pre + 0.044715 * pre**3)))
+    reference = hidden @ mlp.c_proj.weight.double().T + mlp.c_proj.bias.double()
+    u = 2.0**-24
+    proj_w = mlp.c_proj.weight.double().abs()
+    fc_error = (mlp.c_fc.in_features + 1) * u * (x.double().abs() @ fc_w.abs().T + fc_b.abs())
+    hidden_error = 1.13 * fc_error + 8 * u * hidden.abs()
+    bound = hidden_error @ proj_w.T + (mlp.c_proj.in_features + 1) * u * (
+        hidden.abs() @ proj_w.T + mlp.c_proj.bias.double().abs()
+    )
+    assert ((y - reference).abs() <= bound).all()

@@ -560,12 +560,22 @@ class GPT2MLP(nn.Module):
         self.c_proj = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
+        fc = self.c_fc
+        if x.is_cuda and type(fc) is nn.Linear:
+            # The bias and tanh-GELU as the matmul's cuBLASLt epilogue: one kernel instead of two (Turbo
+            # fp16 decoding +2.7 % on an H100, benchmarks/decode_profile.py). Not on the CPU, where
+            # _addmm_activation's GELU is the erf one.
+            flat = x.reshape(-1, x.shape[-1])
+            hidden = torch._addmm_activation(fc.bias, flat, fc.weight.t(), use_gelu=True)
+            return self.c_proj(hidden.view(*x.shape[:-1], -1))
+        return self.c_proj(F.gelu(fc(x), approximate="tanh"))  # GPT-2's "gelu_new"
 
 
 # Decode steps of GPT-2 blocks through models/gpt2_fused.py's Triton kernels where they apply (CUDA, 1-4
-# rows, 16-bit plain Linears): five launches a layer instead of about eleven. False: the torch path only.
-FUSED_GPT2_DECODE = True
+# rows, 16-bit plain Linears): five launches a layer instead of about eleven. Off until a GPU run shows
+# them faster than the torch path (benchmarks/decode_profile.py's "fused" candidate): their first version
+# was slower (657 against 678 tokens/s on an H100) and the present one has not run on a GPU.
+FUSED_GPT2_DECODE = False
 
 
 @functools.cache
