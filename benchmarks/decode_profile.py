@@ -8,7 +8,7 @@ shortcut), and tokens/s with CUDA graphs at batch 1. Then, for Turbo, the
 same tokens/s with each candidate in --candidates applied (the candidates are defined here, as patches, so
 one process compares them side by side; a winner moves into the model code):
 
-- fused: GPT-2's blocks through the fused Triton kernels (t3.FUSED_GPT2_DECODE on; models/gpt2_fused.py)
+- unfused: GPT-2's blocks on the torch path (t3.FUSED_GPT2_DECODE off), not the fused Triton kernels
 - sdpa-math / sdpa-efficient / sdpa-cudnn: one attention backend forced for the whole decode step
 - compiled: torch.compile(mode="reduce-overhead") of the decode body instead of our graph
 
@@ -64,12 +64,12 @@ def candidate(name: str) -> Iterator[dict[str, object]]:
 def _one_candidate(name: str) -> Iterator[dict[str, object]]:
     if name == "baseline":
         yield {}
-    elif name == "fused":
-        t3_module.FUSED_GPT2_DECODE = True
+    elif name == "unfused":
+        t3_module.FUSED_GPT2_DECODE = False
         try:
             yield {}
         finally:
-            t3_module.FUSED_GPT2_DECODE = False
+            t3_module.FUSED_GPT2_DECODE = True
     elif name.startswith("sdpa-"):
         backend = {
             "math": SDPBackend.MATH,
@@ -181,8 +181,8 @@ def measure(folder: Path, variant: str, tokens: int, candidates: list[str]) -> d
         "tokens_per_s": {},
     }
     if variant == "turbo":
-        with candidate("fused"):
-            result["eager_step_fused"] = _kernels(decoding.step.advance)
+        with candidate("unfused"):
+            result["eager_step_unfused"] = _kernels(decoding.step.advance)
     for name in candidates if variant == "turbo" else ["baseline"]:
         try:
             with candidate(name) as extra:
@@ -202,7 +202,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--folder", type=Path, default=Path("/tmp/ck-variants"))
     ap.add_argument("--tokens", type=int, default=400)
-    every = "baseline,fused,sdpa-math,sdpa-efficient,sdpa-cudnn,fused+sdpa-cudnn,compiled"
+    every = "baseline,unfused,sdpa-math,sdpa-efficient,sdpa-cudnn,compiled"
     ap.add_argument("--candidates", default=every)
     args = ap.parse_args()
     if not torch.cuda.is_available():

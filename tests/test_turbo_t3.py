@@ -153,8 +153,7 @@ def test_cuda_graph_decoding_equals_eager_decoding(
 ) -> None:
     """The GPT-2 decode step (learned positions, biased projections, Turbo's sampling) captured as a CUDA
     graph gives the tokens of eager steps, for a batch of two texts of different lengths; in bf16 the
-    steps go through the fused Triton kernels (models/gpt2_fused.py, switched on here), in float32
-    through torch."""
+    steps go through the fused Triton kernels (models/gpt2_fused.py), in float32 through torch."""
     monkeypatch.setattr(t3_module, "FUSED_GPT2_DECODE", True)
     fx, _ = fixture
     gpu = T3(t3.config)

