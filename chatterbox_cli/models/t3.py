@@ -608,7 +608,9 @@ class GPT2Block(nn.Module):
 
     def _fused_kernels(self, x: Tensor) -> ModuleType | None:
         """gpt2_fused where it takes this step's rows and every Linear of the block, else None."""
-        if not FUSED_GPT2_DECODE or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+        if not FUSED_GPT2_DECODE or not x.is_contiguous():
+            return None
+        if not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             return None  # on the CPU only under Triton's interpreter (tests)
         linears = (self.attn.c_attn, self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
         if any(type(m) is not nn.Linear for m in linears):  # bitsandbytes and AWQ layers: the torch path

@@ -183,11 +183,10 @@ class Engine:
             speech.deliver(np.concatenate([pause, chunk.audio]) if starts else chunk.audio)
             first_audio = first_audio or time.perf_counter() - started
             if chunk.final:
+                speech.next += 1
                 t3_s, render_s = t3_s + chunk.t3_s, render_s + chunk.s3gen_s
             else:
                 early_s += chunk.s3gen_s
-            if chunk.final:
-                speech.next += 1
         with self._wake:
             done = [s for s in group if s.next == len(s.chunks) or s.cancelled]
             # the round's requests go behind the others that wait (the queue keeps arrival order otherwise)

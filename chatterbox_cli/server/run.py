@@ -54,10 +54,11 @@ def serve(
     if engine.builtin is not None:
         settings = SynthesisSettings(max_tokens=limits.max_tokens)
         notify(f"warmed up in {holder.warm_up(engine.builtin, WARM_UP_TEXT, settings):.1f} s")
-    rounds = logging.StreamHandler()  # one line per decoding round, beside uvicorn's lines
-    rounds.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
-    logging.getLogger("chatterbox.server").addHandler(rounds)
-    logging.getLogger("chatterbox.server").setLevel(logging.INFO)
+    engine_log = logging.getLogger("chatterbox.server")  # one line per decoding round, beside uvicorn's
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    engine_log.addHandler(handler)
+    engine_log.setLevel(logging.INFO)
     engine.start()
     app = create_app(engine, limits, api_key)
     config = uvicorn.Config(
