@@ -52,7 +52,7 @@ def layer_norm_linear_bound(
     The kernel computes in float32: the mean (K additions, a division), the centred inputs c = x - mean,
     the variance (K squares and additions, a division), + eps, rstd = 1 / sqrt(.), the normalised input
     xn = c * rstd * g + beta, the dot with the weight (K products, K - 1 additions in whatever order the
-    compiler's reduction tree and the K steps give, + bias: gamma_{K+1} of the summed magnitudes), the
+    compiler's reduction tree gives, + bias: gamma_{K+1} of the summed magnitudes), the
     GELU, and one rounding to the output dtype. Each stage's error is propagated to first order with
     rigorous gamma factors: the bound is loose by roughly sqrt(K) (roundings do not all line up), but it
     does not depend on this CPU's numpy or on a fixed atol, and a wrong formula (a missing bias, an
@@ -144,9 +144,9 @@ def fused_case(rows: int, in_f: int, out_f: int, dtype: torch.dtype, gelu: bool,
     }
 
 
-# (in, out): inputs not a multiple of BLOCK_K (96, 600), several steps (600, 1024, 4096), outputs not a
-# multiple of BLOCK_N (40, 42, 24 for 16), the tiny model's widths (32..128). Rows 1..4 for each, with the
-# dtype, GELU and BLOCK_N (forced: the full-size shapes' 8 and 16 too) varied across them.
+# (in, out): inputs not a power of two (96, 600: the tile row is masked), wide ones (1024, 4096), outputs
+# not a multiple of BLOCK_N (40, 42, 24 for 16), the tiny model's widths (32..128). Rows 1..4 for each,
+# with the dtype, GELU and BLOCK_N (forced: the full-size shapes' 8 and 16 too) varied across them.
 INTERPRETER_SHAPES = [(96, 40), (32, 64), (128, 96), (64, 128), (600, 42), (1024, 64), (4096, 24)]
 INTERPRETER_CASES = [
     (
