@@ -508,18 +508,19 @@ def test_triton_gemv_is_optional(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_kernel_choice_on_turing(monkeypatch: pytest.MonkeyPatch) -> None:
-    """sm75 takes the Triton GEMV where triton imports, else dequantize-then-matmul; sm80+ keeps tinygemm."""
-    from chatterbox_cli.quant import awq_triton
+    """sm75 takes the Triton GEMV where Triton runs (triton_support: the GPU and the machine's toolchain,
+    the world at the edge here), else dequantize-then-matmul; sm80+ keeps tinygemm."""
+    from chatterbox_cli import triton_support
 
     capability = (7, 5)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(awq_triton, "available", lambda: True)
+    monkeypatch.setattr(triton_support, "runs_on", lambda device: True)
     assert awq.choose_kernel("cuda", 1024, 4096, 128) == "triton-gemv"
     assert awq.choose_kernel("cuda", 24, 64, 32) == "triton-gemv"  # any shape the layout holds
     assert awq.choose_kernel("cpu", 1024, 4096, 128) == "int4pack-cpu"
-    monkeypatch.setattr(awq_triton, "available", lambda: False)
+    monkeypatch.setattr(triton_support, "runs_on", lambda device: False)
     assert awq.choose_kernel("cuda", 1024, 4096, 128) == "dequant-matmul"
     capability = (8, 0)
-    monkeypatch.setattr(awq_triton, "available", lambda: True)
+    monkeypatch.setattr(triton_support, "runs_on", lambda device: True)
     assert awq.choose_kernel("cuda", 1024, 4096, 128) == "int4pack-cuda"
     assert awq.choose_kernel("cuda", 1024, 960, 96) == "dequant-matmul"  # as before: not a tinygemm group

@@ -33,6 +33,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from chatterbox_cli import triton_support
+
 try:
     import triton
     import triton.language as tl
@@ -157,15 +159,15 @@ def _interpreted() -> bool:
 
 
 def usable(x: Tensor, *weights: Tensor) -> bool:
-    """Whether the fused kernels take this call: triton imported, x [rows, in] contiguous with
-    1 <= rows <= MAX_ROWS, on CUDA (or on the CPU under TRITON_INTERPRET=1), and x and every weight
-    float16 or bfloat16 of one dtype, on x's device, contiguous, no input wider than MAX_IN. Anything else
-    takes the torch path."""
+    """Whether the fused kernels take this call: x [rows, in] contiguous with 1 <= rows <= MAX_ROWS, on a
+    CUDA device Triton runs on (triton_support) or on the CPU under TRITON_INTERPRET=1, and x and every
+    weight float16 or bfloat16 of one dtype, on x's device, contiguous, no input wider than MAX_IN.
+    Anything else takes the torch path."""
     if triton is None or x.dim() != 2 or not 1 <= x.shape[0] <= MAX_ROWS or not x.is_contiguous():
         return False
     if max(t.shape[-1] for t in (x, *weights)) > MAX_IN:
         return False
-    if not (x.is_cuda or (x.device.type == "cpu" and _interpreted())):
+    if not (x.is_cuda and triton_support.runs_on(x.device) or (x.device.type == "cpu" and _interpreted())):
         return False
     if x.dtype not in HALF_DTYPES:
         return False

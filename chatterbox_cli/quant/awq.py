@@ -522,7 +522,8 @@ def _inner_k_tiles(in_features: int) -> int | None:
 
 def choose_kernel(device: torch.device | str, out_features: int, in_features: int, group: int) -> str:
     """The fastest kernel for a layer on `device` (see KERNELS): tinygemm on sm80+ GPUs and on the CPU,
-    the Triton GEMV on older GPUs (sm75: Turing) where triton is installed, else dequantize-then-matmul."""
+    the Triton GEMV on older GPUs (sm75: Turing) where Triton runs (triton_support), else
+    dequantize-then-matmul."""
     device = torch.device(device)
     tinygemm_shape = group in TINYGEMM_GROUPS and in_features % group == 0
     if device.type == "cuda":
@@ -530,9 +531,9 @@ def choose_kernel(device: torch.device | str, out_features: int, in_features: in
         if sm80 and tinygemm_shape and out_features % 8 == 0 and _inner_k_tiles(in_features):
             return "int4pack-cuda"
         if not sm80 and in_features % group == 0 and group % 2 == 0:
-            from chatterbox_cli.quant import awq_triton
+            from chatterbox_cli import triton_support
 
-            if awq_triton.available():
+            if triton_support.runs_on(device):
                 return "triton-gemv"
     elif device.type == "cpu" and tinygemm_shape and out_features % 16 == 0:
         return "int4pack-cpu"
