@@ -578,11 +578,11 @@ FUSED_GPT2_DECODE = True
 
 
 @functools.cache
-def _gpt2_fused() -> ModuleType | None:
-    """models/gpt2_fused, imported on first use (importing triton takes a while), or None without triton."""
+def _gpt2_fused() -> ModuleType:
+    """models/gpt2_fused, imported on first use (importing triton takes a while)."""
     from chatterbox_cli.models import gpt2_fused
 
-    return gpt2_fused if gpt2_fused.available() else None
+    return gpt2_fused
 
 
 class GPT2Block(nn.Module):
@@ -617,7 +617,7 @@ class GPT2Block(nn.Module):
             return None
         fused = _gpt2_fused()
         weights = [t for m in (*linears, self.ln_1, self.ln_2) for t in (m.weight, m.bias)]
-        return fused if fused is not None and fused.usable(x.view(x.shape[0], -1), *weights) else None
+        return fused if fused.usable(x.view(x.shape[0], -1), *weights) else None  # False without triton
 
     def _fused_step(
         self, fused: ModuleType, x: Tensor, cache: Tensor, columns: Tensor | None, bias: Tensor | None
