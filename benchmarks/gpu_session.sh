@@ -9,10 +9,13 @@
 set -uo pipefail
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | grep -v WARNING
+[ -d .wheels ] && python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | grep -v WARNING
 [ -d .refwheels ] && python3 -m pip install -q --no-deps --target /tmp/refsite .refwheels/*.whl 2>&1 | grep -v WARNING
 export PYTHONPATH=/tmp/site:$PWD
 CK=/tmp/ck-full
+# Ray's wheel (79 MB) is over what one call carries: split it (split -b 40000000) into .gpu/ray1/part-aa and
+# .gpu/ray2/part-ab (with its dependencies' wheels beside it), then call `ray-part` carrying .gpu/ray1 and,
+# while the machine is warm (its /tmp survives), `ray` carrying .gpu/ray2.
 # STEP_S=N stops any one step after N seconds, so a slow step leaves the call time for the next ones.
 py() { timeout -k 5 "${STEP_S:-0}" python3 "$@"; }
 for step in "$@"; do
@@ -30,6 +33,12 @@ for step in "$@"; do
     profile) py benchmarks/decode_profile.py --folder /tmp/ck-variants ${PROFILE_ARGS:-} > "$OUT/decode_profile.json" 2> >(tee "$OUT/decode_profile.log" >&2) ;;
     eval) py -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
     serve) py benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
+    round) py benchmarks/round_profile.py --checkpoint $CK ${ROUND_ARGS:-} > "$OUT/round${ROUND_TAG:-}.json" 2> >(tee "$OUT/round${ROUND_TAG:-}.log" >&2) ;;
+    ray-part) mkdir -p /tmp/rayparts && cp .gpu/ray1/part-* /tmp/rayparts/ && ls -la /tmp/rayparts ;;
+    ray) W=/tmp/raywheel/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl; mkdir -p /tmp/raywheel
+      cat /tmp/rayparts/part-* .gpu/ray2/part-* > $W && python3 -m pip install -q --no-deps --target /tmp/site $W .gpu/ray2/*.whl 2>&1 | grep -v WARNING
+      mkdir -p /tmp/rayck && ln -sfn $CK /tmp/rayck/full
+      py benchmarks/ray_batch.py --device cuda --folder /tmp/rayck ${RAY_ARGS:-} > "$OUT/ray_batch.json" 2> >(tee "$OUT/ray_batch.log" >&2) ;;
     small) py benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;
   esac

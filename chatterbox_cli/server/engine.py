@@ -5,9 +5,11 @@ next chunk of every waiting request that shares them (up to the batch size the f
 service.ModelHolder.group_size), and decodes those chunks together in one T3 batch and one S3Gen call
 (pipeline.speak_group). A request that arrives while a round runs joins at the next chunk boundary. The
 rows of a round then move behind the other waiting requests, so a long text does not hold the GPU while
-others wait. Every chunk is seeded by its own request's seed and index, so a request's audio does not
-depend on which requests shared its rounds. Out-of-memory is handled by the model holder (halve the
-group, then step down), as for the CLI.
+others wait. A round starts once requests stop arriving (GATHER_QUIET_S apart, GATHER_MAX_S at most):
+the clients of a round that just ended send their next requests within milliseconds of each other, and
+a round started on the first of them would keep the rest waiting for all of it. Every chunk is seeded
+by its own request's seed and index, so a request's audio does not depend on which requests shared its
+rounds. Out-of-memory is handled by the model holder (halve the group, then step down), as for the CLI.
 """
 
 from __future__ import annotations
@@ -49,6 +51,11 @@ OPENAI_VOICES = frozenset(
 )
 BUILTIN = ("default", "builtin")
 
+# How long the worker waits for more requests before it starts a round: until none has arrived for
+# GATHER_QUIET_S, and no longer than GATHER_MAX_S. A lone request pays GATHER_QUIET_S once.
+GATHER_QUIET_S = 0.01
+GATHER_MAX_S = 0.05
+
 # What a request receives from the engine: audio (float32, 24 kHz, pauses included), an error, or None
 # at the end.
 Delivery = Callable[[np.ndarray | BaseException | None], None]
@@ -79,8 +86,12 @@ class Speech:
 
 
 class Engine:
-    def __init__(self, holder: ModelHolder) -> None:
+    def __init__(
+        self, holder: ModelHolder, gather_quiet_s: float = GATHER_QUIET_S, gather_max_s: float = GATHER_MAX_S
+    ) -> None:
         self.holder = holder
+        self.gather_quiet_s, self.gather_max_s = gather_quiet_s, gather_max_s
+        self._last_arrival = 0.0
         model = holder.model
         self.variant = model.variant
         self.tokenizer = model.tokenizer  # the same at every preset
@@ -127,6 +138,7 @@ class Engine:
             if self._stopping:
                 raise ChatterboxError("the server is shutting down")
             self._queue.append(speech)
+            self._last_arrival = time.perf_counter()
             self._wake.notify()
 
     @property
@@ -154,6 +166,10 @@ class Engine:
                     self._queue = [s for s in self._queue if not s.cancelled]
                 if not self._queue:
                     return
+                self._gather()
+                self._queue = [s for s in self._queue if not s.cancelled]
+                if not self._queue:
+                    continue
                 key = self._queue[0].key
                 candidates = [s for s in self._queue if s.key == key]
             group = candidates
@@ -163,6 +179,16 @@ class Engine:
                 self._round(group)
             except Exception as e:  # every request of the round hears of it
                 self._fail(group, e)
+
+    def _gather(self) -> None:
+        """Wait while requests keep arriving, up to gather_max_s (see GATHER_QUIET_S). Called holding the
+        lock, which the waits release."""
+        end = time.perf_counter() + self.gather_max_s
+        while not self._stopping:
+            wait = min(end, self._last_arrival + self.gather_quiet_s) - time.perf_counter()
+            if wait <= 0:
+                return
+            self._wake.wait(wait)
 
     def _round(self, group: list[Speech]) -> None:
         self.rounds += 1
