@@ -34,6 +34,7 @@ for step in "$@"; do
     eval) py -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
     serve) py benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
     round) py benchmarks/round_profile.py --checkpoint $CK ${ROUND_ARGS:-} > "$OUT/round${ROUND_TAG:-}.json" 2> >(tee "$OUT/round${ROUND_TAG:-}.log" >&2) ;;
+    flowgraph) py benchmarks/flow_graph.py --checkpoint $CK ${FLOWGRAPH_ARGS:-} > "$OUT/flow_graph.json" 2> >(tee "$OUT/flow_graph.log" >&2) ;;
     ray-part) mkdir -p /tmp/rayparts && cp .gpu/ray1/part-* /tmp/rayparts/ && ls -la /tmp/rayparts ;;
     ray) W=/tmp/raywheel/ray-2.60.0-cp312-cp312-manylinux2014_x86_64.whl; mkdir -p /tmp/raywheel
       cat /tmp/rayparts/part-* .gpu/ray2/part-* > $W && python3 -m pip install -q --no-deps --target /tmp/site $W .gpu/ray2/*.whl 2>&1 | grep -v WARNING

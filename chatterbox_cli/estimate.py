@@ -81,7 +81,6 @@ FLOW_EST_LIVE_CHANNELS = 13  # [2B, T, 256]-units alive in a U-Net transformer (
 FLOW_EST_MEL_TENSORS = 6  # [2B, 80, T] in the Euler loop (x twice, mu, cond, velocity, x_t)
 HIFT_LIVE_TENSORS = 5  # [B, 64, span] in the last stage's resblocks: input, sum, running x, conv, Snake
 HIFT_ISTFT_ROW_BYTES = 144  # per last-stage position of one row: fp32 magnitude, phase, complex spectrum
-HIFT_SOURCE_ROWS = 13  # [B, samples] fp32 while making the source: 9 of noise, F0, sum, sine, noise term
 MARGIN_FRACTION = 0.10
 
 # CUDA context when it cannot be measured (no GPU yet, or estimate before init). Consumer cards measure
@@ -202,11 +201,12 @@ def s3gen_stage_bytes(
     hift       the vocoder on 2 * tokens mel frames; it runs one row at a time (its last stage at 120
                positions per frame): the decoder on one chunk of DECODE_CHUNK_BYTES (hifigan.py) with its
                context beside the row's 18-channel spectra, or the row's iSTFT, or making its float32
-               source; plus the batch's float32 waveform and source outputs. (One generator for a whole
-               batch would add its [B, 9, samples] float32 noise; per-row generators draw row by row.)
+               source (on CUDA rows of one length together, up to DECODE_CHUNK_BYTES of it); plus the
+               batch's float32 waveform and source outputs. (One generator for a whole batch would add
+               its [B, 9, samples] float32 noise; per-row generators draw row by row.)
     """
     from chatterbox_cli.models.s3gen.conformer import ATTN_BLOCK_BYTES, query_block_size
-    from chatterbox_cli.models.s3gen.hifigan import DECODE_CHUNK_BYTES, DECODE_CONTEXT_FRAMES
+    from chatterbox_cli.models.s3gen.hifigan import DECODE_CHUNK_BYTES, DECODE_CONTEXT_FRAMES, SOURCE_ROWS
 
     e = act_bytes
     frames = (prompt_tokens + max_tokens) * TOKEN_MEL_RATIO
@@ -233,10 +233,12 @@ def s3gen_stage_bytes(
     istft = spectrum + HIFT_ISTFT_ROW_BYTES * positions + samples * 4  # and the row's waveform
     row_source = samples * 4  # the row's float32 excitation, alive while it is decoded
     outputs = 2 * batch * samples * 4  # float32 waveform and source of every row
+    row = SOURCE_ROWS * samples * 4
+    source = max(row, min(batch * row, DECODE_CHUNK_BYTES))  # hifigan.HiFTGenerator._source_groups
     return {
         "encoder": max(attention, feed_forward),
         "estimator": estimator,
-        "hift": outputs + max(decode + row_source, istft + row_source, HIFT_SOURCE_ROWS * samples * 4),
+        "hift": outputs + max(decode + row_source, istft + row_source, source),
     }
 
 

@@ -253,6 +253,13 @@ def text_tokens(
 # Synthesis
 
 
+def to_host(waves: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """1-D waveforms on the host in float32, with one copy and one wait for all of them: a group's rows then
+    go out together, not one GPU round trip apart."""
+    flat = torch.cat([w.detach().reshape(-1) for w in waves]).to("cpu", torch.float32)
+    return list(flat.split([w.numel() for w in waves]))
+
+
 def batch_groups(n: int, batch_size: int) -> list[range]:
     """Consecutive chunk groups decoded together: the first chunk alone (its audio comes out soonest),
     then groups of `batch_size`."""
@@ -360,12 +367,12 @@ def speak_group(
     prefixes: dict[int, torch.Tensor] = {}
     pending = list(firsts)
     # exactly early_tokens speech tokens per row (ids past the codebook are dropped, so a few more steps
-    # may be needed): the early rendering then always has the same shapes (see service.warm_up)
+    # may be needed; the steps for the row that lacks most, since every row decodes them anyway): the
+    # early rendering then always has the same shapes (see service.warm_up)
     while pending and not decoding.finished:
-        missing = min(early_tokens - len(prefixes.get(j, ())) for j in pending)
+        missing = max(early_tokens - len(prefixes.get(j, ())) for j in pending)
         decoding.run(until=decoding.steps + missing)
-        for j in pending:
-            tokens = decoding.tokens(j)
+        for j, tokens in zip(pending, decoding.tokens_of(pending), strict=True):
             prefixes[j] = tokens[tokens < S3_CODEBOOK_SIZE][:early_tokens]
         pending = [j for j in pending if j not in decoding.done and len(prefixes[j]) < early_tokens]
     # a row that finished first is rendered whole, soon
@@ -394,10 +401,11 @@ def speak_group(
                 [s3gen_generator(rows[j]) for j in ready],
                 n_timesteps=settings.flow_steps,
             )
+        wavs = to_host(wavs)
         s3gen_early_s = (time.perf_counter() - started - t3_early_s) / len(ready)
         for j, wav in zip(ready, wavs, strict=True):
             end = (prefixes[j].numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token
-            audio = wav[:end].detach().to("cpu", torch.float32).numpy()
+            audio = wav[:end].numpy()
             hold = min(round(SAMPLE_RATE * CROSSFADE_MS / 1000), end // 2)
             piece = fade_edges(audio[: end - hold], SAMPLE_RATE, end=False)
             early[j] = (audio[end - hold :], end)
@@ -437,7 +445,7 @@ def speak_group(
             [s3gen_generator(rows[j]) for j in voiced],
             n_timesteps=settings.flow_steps,
         )
-        rendered = dict(zip(voiced, waves, strict=True))
+        rendered = dict(zip(voiced, to_host(waves), strict=True))
     else:
         rendered = {}
     group_s3gen_s = time.perf_counter() - started

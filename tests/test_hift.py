@@ -365,3 +365,29 @@ def test_cuda_batch_rows_equal_single_rows_and_the_cpu(tiny: HiFTGenerator) -> N
             wav_err = float((wav_gpu - wav_cpu).abs().max())
         assert f0_err <= rounding_tolerance(F0_REDUCTIONS["tiny"]) * f0_cpu.abs().max()
         assert wav_err <= rounding_tolerance(DECODER_REDUCTIONS["tiny"]) * wav_cpu.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_rows_of_one_length_make_their_source_together_as_if_alone(tiny: HiFTGenerator) -> None:
+    """On CUDA rows of one length (a round's early pieces) make their F0 and source in one call, each from
+    its own generator, and get the waveform they get alone. The F0 is checked under the rounding bound of
+    its convolutions (batched and single calls may take other kernels); the source and the waveform under
+    the batch test's bound above (the F0's last-bit differences, carried through the source's phase)."""
+    gpu = HiFTGenerator(HiFTConfig.tiny()).eval()
+    gpu.load_state_dict(tiny.state_dict())
+    gpu = gpu.cuda()
+    mels = [_mel(96, 40 + i).cuda() for i in range(3)]
+    assert gpu._source_groups([(0, 96), (1, 96), (2, 96), (3, 50)], together=True) == [[0, 1, 2], [3]]
+    with torch.inference_mode():
+        wav, source = gpu.inference(
+            torch.cat(mels), generator=[torch.Generator("cuda").manual_seed(s) for s in (1, 2, 3)]
+        )
+        for row, (mel, seed) in enumerate(zip(mels, (1, 2, 3), strict=True)):
+            alone, alone_source = gpu.inference(mel, generator=[torch.Generator("cuda").manual_seed(seed)])
+            with _no_tf32():  # float32 convolutions, for the float32 bound
+                f0_alone, f0_together = gpu.predict_f0(mel), gpu.predict_f0(torch.cat(mels))[row]
+            bound = rounding_tolerance(F0_REDUCTIONS["tiny"]) * float(f0_alone.abs().max())
+            assert float((f0_together - f0_alone[0]).abs().max()) <= bound
+            torch.testing.assert_close(source[row], alone_source[0], rtol=0, atol=1e-3)
+            torch.testing.assert_close(wav[row], alone[0], rtol=0, atol=1e-3)

@@ -16,7 +16,7 @@ from chatterbox_cli.service import LoadRequest, ModelHolder
 def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> None:
     """A request arrives at an idle engine, two more 50 ms later: with a quiet window of 0.5 s they all
     start in the first round. Without the wait, the worker, woken by the first request, would have
-    started a round of one 50 ms before the others came (the engine's default window is 10 ms; the test's
+    started a round of one 50 ms before the others came (the engine's default window is 20 ms; the test's
     is long so that a slow machine's thread scheduling cannot decide it)."""
     holder = ModelHolder(LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=10, batch=4))
     engine = Engine(holder, gather_quiet_s=0.5, gather_max_s=5.0)

@@ -1057,6 +1057,11 @@ class Decoding:
         """The speech tokens of text `text` so far (all, once finished), without a stop token and after."""
         return self._valid(text, self.step.out[text, : self.steps].cpu())
 
+    def tokens_of(self, texts: Sequence[int]) -> list[Tensor]:
+        """`tokens(t)` for each of `texts`, from one read of the GPU."""
+        host = self.step.out[:, : self.steps].cpu()
+        return [self._valid(t, host[t]) for t in texts]
+
     def results(self) -> list[Tensor]:
         """Every text's tokens (one read of the output); call after `run` finished."""
         if not self.finished:

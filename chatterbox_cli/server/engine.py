@@ -53,8 +53,8 @@ BUILTIN = ("default", "builtin")
 
 # How long the worker waits for more requests before it starts a round: until none has arrived for
 # GATHER_QUIET_S, and no longer than GATHER_MAX_S. A lone request pays GATHER_QUIET_S once.
-GATHER_QUIET_S = 0.01
-GATHER_MAX_S = 0.05
+GATHER_QUIET_S = 0.02
+GATHER_MAX_S = 0.15
 
 # What a request receives from the engine: audio (float32, 24 kHz, pauses included), an error, or None
 # at the end.

@@ -41,6 +41,8 @@ DECODE_CONTEXT_FRAMES = 24
 # batch has two span lengths (window + one or two contexts) whatever its rows' lengths. One call per
 # length instead of one per row and chunk, and few shapes to plan kernels for.
 DECODE_WINDOW_FRAMES = 128
+# float32 rows of [samples] alive while the excitation is made: 9 of noise, F0, sum, sine, noise term
+SOURCE_ROWS = 13
 
 
 def decode_windows(total: int, window: int, context: int, align_end: bool) -> list[tuple[int, int, int, int]]:
@@ -485,20 +487,28 @@ class HiFTGenerator(nn.Module):
         wav = torch.zeros(b, total * spf, device=device)
         sources = torch.zeros(b, 1, total * spf, device=device)
         voiced = [(row, n) for row, n in enumerate(frames) if n > 0]
-        for row, n in voiced:
-            mel = speech_feat[row : row + 1, :, :n]
+        for rows in self._source_groups(voiced, speech_feat.is_cuda):
+            n = frames[rows[0]]
+            mel = speech_feat[rows, :, :n]
             if noise is None:
-                row_noise = draw_source_noise(1, self.m_source.harmonics, n * spf, generator[row], device)
+                draws = [
+                    draw_source_noise(1, self.m_source.harmonics, n * spf, generator[r], device) for r in rows
+                ]
+                group_noise = SourceNoise(
+                    torch.cat([d.phase for d in draws]), torch.cat([d.noise for d in draws])
+                )
+                del draws
             else:
-                row_noise = SourceNoise(noise.phase[row : row + 1], noise.noise[row : row + 1, :, : n * spf])
-            source = self.source(self.predict_f0(mel), noise=row_noise)
-            del row_noise
+                group_noise = SourceNoise(noise.phase[rows], noise.noise[rows, :, : n * spf])
+            source = self.source(self.predict_f0(mel), noise=group_noise)
+            del group_noise
             if cache_source is not None and cache_source.shape[-1] > 0:
-                cached = cache_source[min(row, cache_source.shape[0] - 1), :, : n * spf]
-                source[0, :, : cached.shape[-1]] = cached.to(source.dtype)
-            sources[row, :, : n * spf] = source[0]
+                for k, row in enumerate(rows):
+                    cached = cache_source[min(row, cache_source.shape[0] - 1), :, : n * spf]
+                    source[k, :, : cached.shape[-1]] = cached.to(source.dtype)
+            sources[rows, :, : n * spf] = source
             if not speech_feat.is_cuda:  # on the CPU row by row (see the module notes)
-                wav[row, : n * spf] = self.decode(mel, source)[0]
+                wav[rows[0], : n * spf] = self.decode(mel, source)[0]
         if speech_feat.is_cuda and voiced:
             rows = self.decode_rows(
                 [speech_feat[row : row + 1, :, :n] for row, n in voiced],
@@ -507,6 +517,21 @@ class HiFTGenerator(nn.Module):
             for (row, n), row_wav in zip(voiced, rows, strict=True):
                 wav[row, : n * spf] = row_wav[0]
         return wav, sources
+
+    def _source_groups(self, voiced: list[tuple[int, int]], together: bool) -> list[list[int]]:
+        """Rows whose excitation is made in one call: on the CPU one at a time; on CUDA rows of one length
+        together (each row's F0 and source are its own computation, batched), as many as keep the
+        source's SOURCE_ROWS float32 rows of samples within DECODE_CHUNK_BYTES (as estimate.py counts)."""
+        if not together:
+            return [[row] for row, _ in voiced]
+        by_length: dict[int, list[int]] = {}
+        for row, n in voiced:
+            by_length.setdefault(n, []).append(row)
+        groups = []
+        for n, rows in by_length.items():
+            step = max(1, DECODE_CHUNK_BYTES // (SOURCE_ROWS * 4 * n * self.config.samples_per_frame))
+            groups += [rows[i : i + step] for i in range(0, len(rows), step)]
+        return groups
 
     def forward(self, mel: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.inference(mel, generator=generator)[0]
