@@ -24,10 +24,6 @@ from chatterbox_cli.models.cuda_graphs import GraphedCall, capturable
 from .conformer import UpsampleConformerEncoder, lengths_to_mask
 from .estimator import ConditionalDecoder
 
-# The most estimator frames (rows, guidance rows included, times mel frames) a call captures a CUDA graph
-# for, unless the graph is kept (benchmarks/flow_graph.py).
-GRAPH_MAX_FRAMES = 8192
-
 
 @dataclass(frozen=True)
 class FlowConfig:
@@ -146,13 +142,11 @@ class CausalCFM(nn.Module):
         shape = (b, x.size(2), dtype, x.device)
         kept = self.kept is not None and self.kept[0] == shape
         # On CUDA the steps after the first (which warms up) replay one captured graph: the estimator is
-        # some 1,400 small kernels, so small batches' eager steps cost more launch time than GPU time.
-        # Capturing costs about a step, so with fewer than 3 steps a graph pays only when it is kept (or
-        # already was); past GRAPH_MAX_FRAMES a step's GPU time hides its launches, and a graph captured
-        # for one call does not pay either.
-        frames = x.size(0) * x.size(2) * (1 if self.meanflow else 2)
-        pays = n_timesteps >= 3 and frames <= GRAPH_MAX_FRAMES
-        use_graph = self.cuda_graph and (pays or keep_graph or kept) and capturable(self.estimator, x)
+        # some 1,400 small kernels, so eager steps cost more launch time than GPU time. Capturing costs
+        # about a step, so with fewer than 3 steps a graph pays only when it is kept (or already was).
+        use_graph = (
+            self.cuda_graph and (n_timesteps >= 3 or keep_graph or kept) and capturable(self.estimator, x)
+        )
         graphed = self.kept[1] if use_graph and kept else None
         for step, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=False)):
             if self.meanflow:
