@@ -1053,12 +1053,9 @@ class Decoding:
             length = int(stops[0, 0])
         return self.step.out[text, :length].clone()
 
-    def tokens(self, text: int) -> Tensor:
-        """The speech tokens of text `text` so far (all, once finished), without a stop token and after."""
-        return self._valid(text, self.step.out[text, : self.steps].cpu())
-
     def tokens_of(self, texts: Sequence[int]) -> list[Tensor]:
-        """`tokens(t)` for each of `texts`, from one read of the GPU."""
+        """The speech tokens of each of `texts` so far (all, once finished), without a stop token and
+        after, from one read of the GPU."""
         host = self.step.out[:, : self.steps].cpu()
         return [self._valid(t, host[t]) for t in texts]
 
