@@ -4,7 +4,9 @@
 # Wheels travel in .wheels/ (ours: bitsandbytes, soundfile, cffi, pycparser, soxr, nvidia-ml-py, typer and
 # rich with their pure-Python dependencies; pyloudnorm and future for the Turbo tests; for `serve`: fastapi
 # 0.115 (later ones import opentelemetry), starlette 0.46, uvicorn, h11, anyio, sniffio, idna, httpx, httpcore,
-# certifi; installed without dependencies, so a wheel a later version needs must come too) and .refwheels/
+# certifi; pydantic 2.13 with pydantic-core, annotated-types, typing-inspection and, for typer 0.29,
+# annotated-doc: the machine has no pydantic; installed without dependencies, so a wheel a later version
+# needs must come too) and .refwheels/
 # (the reference chatterbox-tts 0.1.7 and its pure-Python deps); results land in $OUT.
 set -uo pipefail
 export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
