@@ -337,7 +337,8 @@ def speak_group(
     if settings.max_tokens > limit:
         raise UsageError(f"--max-tokens {settings.max_tokens} is more than this model allows ({limit})")
     sampling = settings.sampling(model.variant)
-    silence = torch.full((model.variant.generation.trailing_silence,), S3GEN_SILENCE_TOKEN, device=device)
+    # speech tokens stay on the host: S3Gen pads a group's rows there and moves them in one copy
+    silence = torch.full((model.variant.generation.trailing_silence,), S3GEN_SILENCE_TOKEN)
     tokenizer = model.tokenizer.for_language(settings.language)
     t3_cond = conds.t3.to(device)
     t3_cond.emotion_adv = torch.full_like(t3_cond.emotion_adv, float(settings.exaggeration))
@@ -372,7 +373,7 @@ def speak_group(
     while pending and not decoding.finished:
         missing = max(early_tokens - len(prefixes.get(j, ())) for j in pending)
         decoding.run(until=decoding.steps + missing)
-        for j, tokens in zip(pending, decoding.tokens_of(pending), strict=True):
+        for j, tokens in zip(pending, decoding.tokens_of(pending), strict=True):  # on the host
             prefixes[j] = tokens[tokens < S3_CODEBOOK_SIZE][:early_tokens]
         pending = [j for j in pending if j not in decoding.done and len(prefixes[j]) < early_tokens]
     # a row that finished first is rendered whole, soon
@@ -427,9 +428,9 @@ def speak_group(
         started = time.perf_counter()
         model.use("t3")
     decoding.run()
-    speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.results()]
+    speech = [s[s < S3_CODEBOOK_SIZE] for s in decoding.tokens_of(range(len(rows)))]  # a host sync
     del decoding  # its KV cache is not needed by S3Gen (estimate.py counts them apart)
-    counts = [int(s.numel()) for s in speech]  # a host sync: the T3 time below is complete
+    counts = [int(s.numel()) for s in speech]
     # the variant's trailing silence (Turbo: three of S3Gen's silence tokens) ends each voiced chunk
     speech = [torch.cat((s, silence)) if n else s for s, n in zip(speech, counts, strict=True)]
     t3_s = (time.perf_counter() - started) / len(rows)

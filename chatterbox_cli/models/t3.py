@@ -1044,27 +1044,25 @@ class Decoding:
                 step.keep(live)
                 self.batch = [self.batch[r] for r in live]
 
-    def _valid(self, text: int, host_row: Tensor) -> Tensor:
-        """Text `text`'s tokens so far (all, once finished) from its output row read to the host, without
-        a stop token and after."""
+    def _length(self, text: int, host_row: Tensor) -> int:
+        """How many of text `text`'s tokens so far (all, once finished) come before a stop token, from its
+        output row read to the host."""
         length = self.decoded[text] if text in self.done else self.steps
         stops = (host_row[:length] == self.stop_token).nonzero()
-        if stops.numel():
-            length = int(stops[0, 0])
-        return self.step.out[text, :length].clone()
+        return int(stops[0, 0]) if stops.numel() else length
 
     def tokens_of(self, texts: Sequence[int]) -> list[Tensor]:
         """The speech tokens of each of `texts` so far (all, once finished), without a stop token and
-        after, from one read of the GPU."""
+        after, on the host, from one read of the GPU."""
         host = self.step.out[:, : self.steps].cpu()
-        return [self._valid(t, host[t]) for t in texts]
+        return [host[t, : self._length(t, host[t])] for t in texts]
 
     def results(self) -> list[Tensor]:
-        """Every text's tokens (one read of the output); call after `run` finished."""
+        """Every text's tokens on the model's device (one read of the output); call after `run` finished."""
         if not self.finished:
             raise RuntimeError("decoding is not finished; call run() first")
         host = self.step.out.cpu()
-        return [self._valid(t, host[t]) for t in range(len(self.limits))]
+        return [self.step.out[t, : self._length(t, host[t])].clone() for t in range(len(self.limits))]
 
 
 class T3(nn.Module):
