@@ -4,7 +4,8 @@ engine runs it at N concurrent requests (the built-in voice, one set of settings
 Loads the model through the service (the server's path), warms it up as the server does, then runs the
 round `--repeat` times and records each step with the GPU synchronized at both ends: T3's prefill and
 graph capture, its decode steps (up to the early piece, then the rest), S3Gen's flow (tokens to mel) and
-vocoder (mel to wave), early piece and whole chunk apart. The last repeat also runs under torch.profiler:
+vocoder (mel to wave), early piece and whole chunk apart; the CUDA-graph captures inside them are listed
+too (indented). The last repeat also runs under torch.profiler:
 the GPU kernels that took the most time.
 
 `--prompt-tokens N` replaces the voice's S3Gen prompt with N random tokens (and 2N mel frames): the
@@ -30,8 +31,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from chatterbox_cli import pipeline, service  # noqa: E402
+from chatterbox_cli.models.cuda_graphs import GraphedCall  # noqa: E402
 from chatterbox_cli.models.s3gen.s3gen import S3Gen  # noqa: E402
-from chatterbox_cli.models.t3 import T3, Decoding  # noqa: E402
+from chatterbox_cli.models.t3 import T3, DecodeStep, Decoding  # noqa: E402
 from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
 
 STEPS: list[tuple[str, float, float]] = []
@@ -100,7 +102,9 @@ def main() -> None:
     service.warm_up(model, conds, text.format(0), settings)
 
     probe(T3, "start_batch", lambda *a, **k: "T3 prefill + graph capture")
+    probe(DecodeStep, "_capture", lambda self: f"  T3 decode-graph capture, {self.texts} texts")
     probe(Decoding, "run", lambda self, until=None: f"T3 steps to {until or 'the end'}")
+    probe(GraphedCall, "__init__", lambda self, fn, *a, **k: f"  flow graph capture, {a[0].size(0)} rows")
     probe(S3Gen, "tokens_to_mel", lambda self, tokens, *a, **k: f"S3Gen flow, {rows_of(tokens)}")
     probe(
         S3Gen,
