@@ -385,24 +385,17 @@ def speak_group(
         # Taking turns, S3Gen has a turn of its own for the early pieces while the KV cache waits on the
         # GPU; T3's captured steps replay when T3 is back (its weights never move).
         model.use("s3gen")
-        if len(ready) == 1:  # every run's early piece has this shape (see service.warm_up): keep its graph
-            wavs = [
-                s3gen.synthesize(
-                    prefixes[ready[0]][None],
-                    gen_cond,
-                    n_timesteps=settings.flow_steps,
-                    generator=s3gen_generator(rows[ready[0]]),
-                    keep_graph=True,
-                )[0]
-            ]
-        else:
-            wavs = s3gen.synthesize_rows(
+        # Early pieces have one shape per number of rows (every run's, see service.warm_up; a server's
+        # rounds of N requests): the flow keeps its graph for it.
+        wavs = to_host(
+            s3gen.synthesize_rows(
                 [prefixes[j] for j in ready],
                 gen_cond,
                 [s3gen_generator(rows[j]) for j in ready],
                 n_timesteps=settings.flow_steps,
+                keep_graph=True,
             )
-        wavs = to_host(wavs)
+        )
         s3gen_early_s = (time.perf_counter() - started - t3_early_s) / len(ready)
         for j, wav in zip(ready, wavs, strict=True):
             end = (prefixes[j].numel() - EARLY_LOOKAHEAD) * s3gen.samples_per_token

@@ -312,12 +312,45 @@ def test_graphed_estimator_steps_equal_eager_steps() -> None:
 
     eager = mel(False)
     torch.testing.assert_close(mel(True), eager, rtol=1e-5, atol=1e-5)
-    assert flow.decoder.kept is None
+    assert not flow.decoder.kept
     torch.testing.assert_close(mel(True, keep=True), eager, rtol=1e-5, atol=1e-5)
-    kept = flow.decoder.kept
-    assert kept is not None
+    (kept,) = flow.decoder.kept.values()
     torch.testing.assert_close(mel(True), eager, rtol=1e-5, atol=1e-5)  # every step replays the kept graph
-    assert flow.decoder.kept is kept
+    assert list(flow.decoder.kept.values()) == [kept]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_kept_graphs_of_several_shapes_share_one_pool_and_keep_eager_values() -> None:
+    """Graphs of other shapes, kept or not, are captured into the kept graphs' pool between their replays:
+    a kept graph must still give its eager values, and only the KEPT_GRAPHS latest shapes stay."""
+    from chatterbox_cli.models.s3gen.flow import KEPT_GRAPHS
+
+    config = FlowConfig.tiny()
+    flow = _build(config, 3).to("cuda")
+    g = torch.Generator().manual_seed(0)
+    voice = (
+        torch.randint(0, config.vocab_size, (1, 5), generator=g).cuda(),
+        torch.randn(1, 10, config.mel_dim, generator=g).cuda(),
+        torch.randn(1, config.spk_embed_dim, generator=g).cuda(),
+    )
+    inputs = {n: torch.randint(0, config.vocab_size, (n, 8 + n), generator=g).cuda() for n in range(1, 8)}
+
+    def mel(n: int, graph: bool = True, keep: bool = False) -> torch.Tensor:
+        flow.decoder.cuda_graph = graph
+        gens = [torch.Generator("cuda").manual_seed(s) for s in range(n)]
+        lens = torch.full((n,), 8 + n, device="cuda")
+        with torch.inference_mode():
+            out, _ = flow.inference(inputs[n], lens, *voice, 6, generator=gens, keep_graph=keep)
+        return out
+
+    eager = {n: mel(n, graph=False) for n in inputs}
+    for n in range(1, 7):
+        torch.testing.assert_close(mel(n, keep=True), eager[n], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mel(7), eager[7], rtol=1e-5, atol=1e-5)  # a graph not kept, same pool
+        torch.testing.assert_close(mel(1), eager[1], rtol=1e-5, atol=1e-5)  # kept, replayed after others
+    # the latest shapes, the one used after each of them last
+    assert [shape[0] for shape in flow.decoder.kept] == [*range(8 - KEPT_GRAPHS, 7), 1]
 
 
 @pytest.mark.gpu

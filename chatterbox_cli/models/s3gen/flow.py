@@ -88,6 +88,11 @@ def cosine_time_grid(
     return 1 - torch.cos(t * 0.5 * torch.pi)
 
 
+# The estimator graphs kept for shapes that recur (see CausalCFM.forward's keep_graph): a run's early piece,
+# and a server round's early pieces at the few group sizes its clients make.
+KEPT_GRAPHS = 4
+
+
 class CausalCFM(nn.Module):
     """Euler solver over the estimator with classifier-free guidance (conditional row + a row whose
     mu, speaker and prompt-mel conditions are zero); for a mean-flow model, plain Euler steps of the
@@ -98,8 +103,8 @@ class CausalCFM(nn.Module):
         self.cfg_rate = config.cfg_rate
         self.meanflow = config.meanflow
         self.cuda_graph = True  # replay the estimator as a CUDA graph on CUDA (see forward)
-        self.kept: tuple[tuple[object, ...], GraphedCall] | None = None  # (shape, graph), see keep_graph
-        self.pool: torch.cuda.MemPool | None = None  # one memory pool for the graphs of single calls
+        self.kept: dict[tuple[object, ...], GraphedCall] = {}  # shape -> graph, oldest use first
+        self.pool: torch.cuda.MemPool | None = None  # one memory pool for all the estimator's graphs
         self.estimator = ConditionalDecoder(
             in_channels=4 * config.mel_dim,
             out_channels=config.mel_dim,
@@ -123,8 +128,9 @@ class CausalCFM(nn.Module):
     ) -> Tensor:
         """noise, mu, cond [B, 80, T]; mask [B, 1, T]; spks [B, 80] -> mel [B, 80, T].
 
-        `keep_graph`: keep this call's CUDA graph (one shape at a time) for later calls of the same shape,
-        whose steps then all replay it: for a shape that recurs, like the early piece of every run.
+        `keep_graph`: keep this call's CUDA graph (for the KEPT_GRAPHS shapes used last) for later calls
+        of the same shape, whose steps then all replay it: for a shape that recurs, like the early piece
+        of every run or of a server round of N requests.
         """
         dtype = self.estimator.final_proj.weight.dtype
         x = noise.to(dtype)
@@ -140,26 +146,32 @@ class CausalCFM(nn.Module):
             mask2 = torch.cat([mask, mask])
             times = cosine_time_grid(n_timesteps, x.device, dtype)
         shape = (b, x.size(2), dtype, x.device)
-        kept = self.kept is not None and self.kept[0] == shape
+        kept = self.kept.pop(shape, None)
+        if kept is not None:
+            self.kept[shape] = kept  # the most recently used last
         # On CUDA the steps after the first (which warms up) replay one captured graph: the estimator is
         # some 1,400 small kernels, so eager steps cost more launch time than GPU time. Capturing costs
         # about a step, so with fewer than 3 steps a graph pays only when it is kept (or already was).
         use_graph = (
             self.cuda_graph and (n_timesteps >= 3 or keep_graph or kept) and capturable(self.estimator, x)
         )
-        graphed = self.kept[1] if use_graph and kept else None
+        graphed = kept if use_graph else None
         for step, (t0, t1) in enumerate(zip(times[:-1], times[1:], strict=False)):
             if self.meanflow:
                 args = (x, mask, mu, t0.expand(b), spks, cond, t1.expand(b))
             else:
                 args = (torch.cat([x, x]), mask2, mu2, t0.expand(2 * b), spks2, cond2)
             if use_graph and graphed is None and step == 1:
-                # A kept graph has a pool of its own: a later call's graph must not reuse its memory.
-                if not keep_graph and self.pool is None:
+                # All graphs share one pool: they replay one at a time on one stream, and each graph's
+                # output is used (the Euler update below) before another graph replays, so a graph may
+                # reuse the memory of another's intermediates; live outputs are never handed out again.
+                if self.pool is None:
                     self.pool = torch.cuda.MemPool()
-                graphed = GraphedCall(self.estimator, *args, pool=None if keep_graph else self.pool.id)
+                graphed = GraphedCall(self.estimator, *args, pool=self.pool.id)
                 if keep_graph:
-                    self.kept = (shape, graphed)
+                    self.kept[shape] = graphed
+                    while len(self.kept) > KEPT_GRAPHS:
+                        del self.kept[next(iter(self.kept))]
             v = self.estimator(*args) if graphed is None else graphed(*args)
             if self.meanflow:
                 x = x + (t1 - t0) * v

@@ -417,13 +417,15 @@ class S3Gen(nn.Module):
         cond: GenCond,
         generators: Sequence[torch.Generator],
         n_timesteps: int | None = None,
+        keep_graph: bool = False,
     ) -> list[Tensor]:
         """Several utterances in one padded, batched flow call and one HiFT call (which runs row by row,
         see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech tokens,
         < 6561), faded in per row.
 
         Row k's noise comes from `generators[k]` only, so it equals `synthesize(tokens_list[k][None],
-        cond, generator=<same seed>)` up to float rounding, whatever its batchmates.
+        cond, generator=<same seed>)` up to float rounding, whatever its batchmates. `keep_graph`: see
+        tokens_to_mel.
         """
         if len(generators) != len(tokens_list):
             raise ValueError(f"{len(tokens_list)} token rows but {len(generators)} generators")
@@ -436,7 +438,9 @@ class S3Gen(nn.Module):
         for row, (row_tokens, n) in enumerate(zip(tokens_list, lengths, strict=True)):
             tokens[row, :n] = row_tokens.reshape(-1).cpu()
         token_lens = torch.tensor(lengths, dtype=torch.long)
-        wav = self.synthesize(tokens, cond, token_lens, n_timesteps, generator=list(generators))
+        wav = self.synthesize(
+            tokens, cond, token_lens, n_timesteps, generator=list(generators), keep_graph=keep_graph
+        )
         return [wav[row, : n * self.samples_per_token] for row, n in enumerate(lengths)]
 
     def forward(self, tokens: Tensor, cond: GenCond, **kwargs: object) -> Tensor:
