@@ -63,7 +63,7 @@ def percentile(values: list[float], q: float) -> float | None:
 
 async def one_request(http: httpx.AsyncClient, url: str, client: int, index: int) -> dict[str, object]:
     body = {"model": "tts-1", "voice": "alloy", "input": text_of(client, index), "response_format": "pcm"}
-    body["seed"] = client * 1000 + index
+    body["seed"] = client * 1000 + index + 1  # index -1 is the warm-up; a seed must not be negative
     started = time.perf_counter()
     first: float | None = None
     size = 0
@@ -85,7 +85,9 @@ async def level(base: str, clients: int, requests: int) -> dict[str, object]:
     url = base + "/v1/audio/speech"
     limits = httpx.Limits(max_connections=clients + 2, max_keepalive_connections=clients + 2)
     async with httpx.AsyncClient(timeout=600, limits=limits) as http:
-        await asyncio.gather(*(one_request(http, url, c, -1) for c in range(clients)))  # warm-up
+        warm_up = await asyncio.gather(*(one_request(http, url, c, -1) for c in range(clients)))
+        if failed := [r["error"] for r in warm_up if "error" in r]:  # the shapes measured must be warm
+            raise SystemExit(f"{len(failed)} warm-up requests failed, first: {failed[0]}")
 
         async def loop(c: int) -> list[dict[str, object]]:
             return [await one_request(http, url, c, i) for i in range(requests)]

@@ -36,6 +36,9 @@ MAX_SEED = 2**63 - 1
 # crossfade.
 EARLY_LOOKAHEAD = 8
 CROSSFADE_MS = 20.0
+# A group's speech tokens are padded to a multiple of this many for S3Gen's flow (0.64 s; at most 15 tokens
+# of padding beside the voice prompt's and the chunk's own).
+FLOW_TOKEN_BLOCK = 16
 
 
 # The settings whose default is the variant's (variants.Generation)
@@ -432,12 +435,16 @@ def speak_group(
     model.use("s3gen")
     voiced = [j for j, n in enumerate(counts) if n > 0]
     if device.type == "cuda" and len(voiced) > 1:
-        # One padded flow call for the group (on the CPU row by row is faster: no padding work).
+        # One padded flow call for the group (on the CPU row by row is faster: no padding work), padded
+        # to a whole block so that groups of one size and similar lengths (a server's rounds) replay one
+        # kept graph.
         waves = s3gen.synthesize_rows(
             [speech[j] for j in voiced],
             gen_cond,
             [s3gen_generator(rows[j]) for j in voiced],
             n_timesteps=settings.flow_steps,
+            keep_graph=True,
+            pad_to=FLOW_TOKEN_BLOCK,
         )
         rendered = dict(zip(voiced, to_host(waves), strict=True))
     else:

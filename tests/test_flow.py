@@ -334,7 +334,8 @@ def test_kept_graphs_of_several_shapes_share_one_pool_and_keep_eager_values() ->
         torch.randn(1, 10, config.mel_dim, generator=g).cuda(),
         torch.randn(1, config.spk_embed_dim, generator=g).cuda(),
     )
-    inputs = {n: torch.randint(0, config.vocab_size, (n, 8 + n), generator=g).cuda() for n in range(1, 8)}
+    shapes = range(1, KEPT_GRAPHS + 4)
+    inputs = {n: torch.randint(0, config.vocab_size, (n, 8 + n), generator=g).cuda() for n in shapes}
 
     def mel(n: int, graph: bool = True, keep: bool = False) -> torch.Tensor:
         flow.decoder.cuda_graph = graph
@@ -345,12 +346,13 @@ def test_kept_graphs_of_several_shapes_share_one_pool_and_keep_eager_values() ->
         return out
 
     eager = {n: mel(n, graph=False) for n in inputs}
-    for n in range(1, 7):
+    unkept = KEPT_GRAPHS + 3
+    for n in range(1, unkept):
         torch.testing.assert_close(mel(n, keep=True), eager[n], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(mel(7), eager[7], rtol=1e-5, atol=1e-5)  # a graph not kept, same pool
+        torch.testing.assert_close(mel(unkept), eager[unkept], rtol=1e-5, atol=1e-5)  # not kept, same pool
         torch.testing.assert_close(mel(1), eager[1], rtol=1e-5, atol=1e-5)  # kept, replayed after others
-    # the latest shapes, the one used after each of them last
-    assert [shape[0] for shape in flow.decoder.kept] == [*range(8 - KEPT_GRAPHS, 7), 1]
+    # the latest shapes, and the one used after each of them
+    assert [shape[0] for shape in flow.decoder.kept] == [*range(4, unkept), 1]
 
 
 @pytest.mark.gpu

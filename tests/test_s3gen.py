@@ -323,12 +323,19 @@ def test_padded_batch_mel_and_waveform_equal_each_row_alone(tiny_file: Path) -> 
 
 
 def _row_tolerance(
-    model: S3Gen, cond: GenCond, rows: list[torch.Tensor], seeds: list[int], k: int, peak: float
+    model: S3Gen,
+    cond: GenCond,
+    rows: list[torch.Tensor],
+    seeds: list[int],
+    k: int,
+    peak: float,
+    width: int = 0,
 ) -> float:
     """Bound on |row k of synthesize_rows - row k synthesized alone| (peak: its largest |sample|): the
-    batched flow's rounding, and the F0 drift it causes (see f0_drift), measured on the two mels."""
+    batched flow's rounding, and the F0 drift it causes (see f0_drift), measured on the two mels. `width`:
+    the batch's tokens per row, if padded past the longest."""
     lengths = [r.numel() for r in rows]
-    tokens = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+    tokens = torch.zeros(len(rows), max(width, *lengths), dtype=torch.long)
     for i, row in enumerate(rows):
         tokens[i, : row.numel()] = row
     gens = [torch.Generator().manual_seed(s) for s in seeds]
@@ -357,6 +364,17 @@ def test_synthesize_rows_equals_synthesize_of_each_row_with_its_seed(tiny_file: 
         tol = _row_tolerance(model, cond, rows, seeds, k, alone.abs().max().item())
         assert (wav - alone[0]).abs().max().item() <= tol
         assert torch.all(wav[:480] == 0)  # faded in per row
+    # padded to a block of 8 tokens (14 -> 16): each row is still its own, and as long
+    padded = model.synthesize_rows(
+        rows, cond, [torch.Generator().manual_seed(s) for s in seeds], n_timesteps=4, pad_to=8
+    )
+    assert [w.shape for w in padded] == [(960 * n,) for n in ROW_LENGTHS]
+    for k, (wav, row, seed) in enumerate(zip(padded, rows, seeds, strict=True)):
+        alone = model.synthesize(
+            row[None], cond, n_timesteps=4, generator=torch.Generator().manual_seed(seed)
+        )
+        tol = _row_tolerance(model, cond, rows, seeds, k, alone.abs().max().item(), width=16)
+        assert (wav - alone[0]).abs().max().item() <= tol
     # a row does not depend on its batchmates
     again = model.synthesize_rows(
         [rows[1], rows[0]], cond, [torch.Generator().manual_seed(s) for s in (202, 999)], n_timesteps=4

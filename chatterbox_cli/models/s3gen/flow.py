@@ -89,8 +89,8 @@ def cosine_time_grid(
 
 
 # The estimator graphs kept for shapes that recur (see CausalCFM.forward's keep_graph): a run's early piece,
-# and a server round's early pieces at the few group sizes its clients make.
-KEPT_GRAPHS = 4
+# and a server round's early pieces and whole chunks at the few group sizes its clients make.
+KEPT_GRAPHS = 6
 
 
 class CausalCFM(nn.Module):

@@ -418,6 +418,7 @@ class S3Gen(nn.Module):
         generators: Sequence[torch.Generator],
         n_timesteps: int | None = None,
         keep_graph: bool = False,
+        pad_to: int = 1,
     ) -> list[Tensor]:
         """Several utterances in one padded, batched flow call and one HiFT call (which runs row by row,
         see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech tokens,
@@ -425,7 +426,8 @@ class S3Gen(nn.Module):
 
         Row k's noise comes from `generators[k]` only, so it equals `synthesize(tokens_list[k][None],
         cond, generator=<same seed>)` up to float rounding, whatever its batchmates. `keep_graph`: see
-        tokens_to_mel.
+        tokens_to_mel; `pad_to` pads the batch to a multiple of that many tokens, so that groups of
+        similar lengths share one shape (and one kept graph).
         """
         if len(generators) != len(tokens_list):
             raise ValueError(f"{len(tokens_list)} token rows but {len(generators)} generators")
@@ -434,7 +436,7 @@ class S3Gen(nn.Module):
         lengths = [int(t.numel()) for t in tokens_list]
         if min(lengths) < 1:
             raise ValueError("every row needs at least one speech token")
-        tokens = torch.zeros(len(lengths), max(lengths), dtype=torch.long)
+        tokens = torch.zeros(len(lengths), -(-max(lengths) // pad_to) * pad_to, dtype=torch.long)
         for row, (row_tokens, n) in enumerate(zip(tokens_list, lengths, strict=True)):
             tokens[row, :n] = row_tokens.reshape(-1).cpu()
         token_lens = torch.tensor(lengths, dtype=torch.long)
