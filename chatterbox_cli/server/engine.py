@@ -5,9 +5,10 @@ next chunk of every waiting request that shares them (up to the batch size the f
 service.ModelHolder.group_size), and decodes those chunks together in one T3 batch and one S3Gen call
 (pipeline.speak_group). A request that arrives while a round runs joins at the next chunk boundary. The
 rows of a round then move behind the other waiting requests, so a long text does not hold the GPU while
-others wait. A round starts once requests stop arriving (GATHER_QUIET_S apart, GATHER_MAX_S at most):
-the clients of a round that just ended send their next requests within milliseconds of each other, and
-a round started on the first of them would keep the rest waiting for all of it. Every chunk is seeded
+others wait. A round starts once requests stop arriving (GATHER_QUIET_S apart, GATHER_MAX_S at most)
+and, after a round that ended requests, once as many wait as it ended: the clients of a round that just
+ended send their next requests within some tens of milliseconds of each other, and a round started on
+the first few of them would keep the rest waiting for all of it. Every chunk is seeded
 by its own request's seed and index, so a request's audio does not depend on which requests shared its
 rounds. Out-of-memory is handled by the model holder (halve the group, then step down), as for the CLI.
 """
@@ -52,7 +53,9 @@ OPENAI_VOICES = frozenset(
 BUILTIN = ("default", "builtin")
 
 # How long the worker waits for more requests before it starts a round: until none has arrived for
-# GATHER_QUIET_S, and no longer than GATHER_MAX_S. A lone request pays GATHER_QUIET_S once.
+# GATHER_QUIET_S and as many wait as the last round ended, and no longer than GATHER_MAX_S. A lone request
+# pays GATHER_QUIET_S once. With the quiet gap alone, 32 closed-loop clients' next requests were once
+# split 5 + 27 (H100, benchmarks/serve_load.py): the 27 waited for a whole round.
 GATHER_QUIET_S = 0.02
 GATHER_MAX_S = 0.15
 
@@ -92,6 +95,7 @@ class Engine:
         self.holder = holder
         self.gather_quiet_s, self.gather_max_s = gather_quiet_s, gather_max_s
         self._last_arrival = 0.0
+        self._returning = 0  # requests the last round ended: their clients may be sending the next ones
         model = holder.model
         self.variant = model.variant
         self.tokenizer = model.tokenizer  # the same at every preset
@@ -181,14 +185,16 @@ class Engine:
                 self._fail(group, e)
 
     def _gather(self) -> None:
-        """Wait while requests keep arriving, up to gather_max_s (see GATHER_QUIET_S). Called holding the
-        lock, which the waits release."""
+        """Wait while requests keep arriving or fewer wait than the last round ended, up to gather_max_s
+        (see GATHER_QUIET_S). Called holding the lock, which the waits release."""
         end = time.perf_counter() + self.gather_max_s
         while not self._stopping:
-            wait = min(end, self._last_arrival + self.gather_quiet_s) - time.perf_counter()
+            quiet = self._last_arrival + self.gather_quiet_s
+            wait = (end if len(self._queue) < self._returning else min(end, quiet)) - time.perf_counter()
             if wait <= 0:
-                return
+                break
             self._wake.wait(wait)
+        self._returning = 0
 
     def _round(self, group: list[Speech]) -> None:
         self.rounds += 1
@@ -215,6 +221,7 @@ class Engine:
                 early_s += chunk.s3gen_s
         with self._wake:
             done = [s for s in group if s.next == len(s.chunks) or s.cancelled]
+            self._returning = sum(not s.cancelled for s in done)
             # the round's requests go behind the others that wait (the queue keeps arrival order otherwise)
             self._queue = [s for s in self._queue if s not in group] + [s for s in group if s not in done]
         for speech in done:
