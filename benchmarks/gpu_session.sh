@@ -7,10 +7,14 @@
 # certifi; pydantic 2.13 with pydantic-core, annotated-types, typing-inspection and, for typer 0.29,
 # annotated-doc: the machine has no pydantic; installed without dependencies, so a wheel a later version
 # needs must come too) and .refwheels/
-# (the reference chatterbox-tts 0.1.7 and its pure-Python deps); results land in $OUT.
+# (the reference chatterbox-tts 0.1.7 and its pure-Python deps). Results land in $RESULTS (/tmp/results),
+# and after every step all of them in one file, $OUT/results.tar: the device tool brings back at most 8
+# files, and a step that a call's time limit cuts off loses only its own.
 set -uo pipefail
-export TQDM_DISABLE=1 PYTHONUNBUFFERED=1 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
+export TQDM_DISABLE=1 PYTHONUNBUFFERED=1
+BACK=${OUT:-/tmp/out}
+export OUT=${RESULTS:-/tmp/results}
+mkdir -p "$OUT" "$BACK"
 [ -d .wheels ] && python3 -m pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | grep -v WARNING
 [ -d .refwheels ] && python3 -m pip install -q --no-deps --target /tmp/refsite .refwheels/*.whl 2>&1 | grep -v WARNING
 export PYTHONPATH=/tmp/site:$PWD
@@ -45,4 +49,5 @@ for step in "$@"; do
     small) py benchmarks/small_card.py --checkpoint $CK --out "$OUT/small_card${SMALL_TAG:-}.json" ${SMALL_ARGS:-} > /dev/null 2> >(tee "$OUT/small_card${SMALL_TAG:-}.log" >&2) ;;
     *) echo "unknown step $step" ;;
   esac
+  tar -cf "$BACK/results.tar" -C "$OUT" .
 done
