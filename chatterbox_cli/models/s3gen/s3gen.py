@@ -420,9 +420,9 @@ class S3Gen(nn.Module):
         keep_graph: bool = False,
         pad_to: int = 1,
     ) -> list[Tensor]:
-        """Several utterances in one padded, batched flow call and one HiFT call (which runs row by row,
-        see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech tokens,
-        < 6561), faded in per row.
+        """Several utterances in one padded, batched flow call and one HiFT call (each row on its own
+        frames, see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech
+        tokens, < 6561), faded in per row.
 
         Row k's noise comes from `generators[k]` only, so it equals `synthesize(tokens_list[k][None],
         cond, generator=<same seed>)` up to float rounding, whatever its batchmates. `keep_graph`: see
