@@ -27,14 +27,16 @@ GiB = 1024**3
 # plus T3's prefill workspace int(0.46 x 82,781,376) (see test_estimate.py).
 KV = 2 * 30 * 2 * 1337 * 1024 * 2
 PER_CHUNK = KV + 38_079_432
-# S3Gen for a group of b >= 5 chunks: the flow estimator's 2b x 2500 frames x 3808 channels x 2 bytes,
-# x 1.42 (= 54,073,600 per chunk); smaller groups are dominated by the vocoder instead.
+# S3Gen for a group of b >= 5 chunks, whose flow runs r = pipeline.flow_batch_rows(b) rows (b rounded up to
+# 8, 16, 24, ...): the flow estimator's 2r x 2500 frames x 3808 channels x 2 bytes, x 1.42 (= 54,073,600 per
+# row); smaller groups are dominated by the vocoder instead.
 S3GEN_PER_CHUNK = 54_073_600
-NEED_PER_CHUNK = PER_CHUNK + S3GEN_PER_CHUNK  # for groups of 5 or more
+NEED_PER_CHUNK = PER_CHUNK + S3GEN_PER_CHUNK  # for groups of a multiple of 8 (no blank rows)
 
 
 def _needs(chunks: int) -> int:
-    """Free bytes at which `chunks` chunks just fit: their bytes are 90 % of it (10 % margin)."""
+    """Free bytes at which `chunks` chunks just fit if their flow ran no blank rows (so, for a multiple of
+    8, at which they do): their bytes are 90 % of it (10 % margin)."""
     return -(-chunks * NEED_PER_CHUNK * 10 // 9)
 
 
@@ -89,9 +91,11 @@ def test_the_header_gives_the_english_shape(official_t3: Path) -> None:
     [
         (_needs(8), 200, 8),  # exactly enough for 8
         (_needs(8) - 100, 200, 7),  # a hair less
-        (_needs(20), 200, 20),
-        (_needs(20) - 100, 200, 19),
-        ((_needs(20) + _needs(21)) // 2, 200, 20),
+        (_needs(24), 200, 24),
+        (_needs(24) - 100, 200, 23),  # 23 chunks: the flow runs 24 rows, one blank
+        ((_needs(24) + _needs(25)) // 2, 200, 24),  # 25 chunks would run 32 flow rows
+        # 20 chunks' flow runs 24 rows: with 4 blank rows' workspace they do not fit, 19 (one chunk less) do
+        (_needs(20), 200, 19),
         (512 * 2**20, 200, 1),  # not even two chunks fit: one at a time
         (1024 * GiB, 200, 64),  # plenty of memory: the cap
         (1024 * GiB, 10, 9),  # the first chunk runs alone, the other 9 together
@@ -111,18 +115,18 @@ def test_auto_batch_from_free_memory(
 def test_memory_torch_holds_but_does_not_use_counts_as_free(
     official_t3: Path, gpu_memory: dict[str, int]
 ) -> None:
-    gpu_memory.update(free=_needs(20) - 3 * GiB, reserved=5 * GiB, allocated=2 * GiB)
+    gpu_memory.update(free=_needs(24) - 3 * GiB, reserved=5 * GiB, allocated=2 * GiB)
     request = service.LoadRequest(batch=0)
-    assert service.batch_size(_model(official_t3), request, 200)[0] == 20
+    assert service.batch_size(_model(official_t3), request, 200)[0] == 24
 
 
 def test_without_cfg_a_chunk_needs_half_the_t3_memory(official_t3: Path, gpu_memory: dict[str, int]) -> None:
     # one row per chunk: KV cache and T3 workspace halve (int(0.46 x 82,781,376 / 2)); S3Gen does not
     per_chunk = KV // 2 + 19_039_716
-    gpu_memory["free"] = -(-20 * (per_chunk + S3GEN_PER_CHUNK) * 10 // 9)
+    gpu_memory["free"] = -(-24 * (per_chunk + S3GEN_PER_CHUNK) * 10 // 9)
     request = service.LoadRequest(batch=0, cfg_weight=0.0)
     size, why = service.batch_size(_model(official_t3), request, 200)
-    assert size == 20 and "0.17 GiB per chunk" in why
+    assert size == 24 and "0.17 GiB per chunk" in why
 
 
 def test_a_given_batch_and_the_cpu(official_t3: Path, gpu_memory: dict[str, int]) -> None:

@@ -12,7 +12,7 @@ import torch
 from chatterbox_cli import pipeline, service
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.models.sampling import SamplingSettings
-from chatterbox_cli.pipeline import SynthesisSettings
+from chatterbox_cli.pipeline import SynthesisSettings, flow_batch_rows
 from chatterbox_cli.variants import ENGLISH, MULTILINGUAL, TURBO
 
 FAST = {"max_tokens": 20, "flow_steps": 2}
@@ -278,3 +278,13 @@ def test_rows_of_different_runs_share_a_group(loaded: service.LoadedModel, conds
     for (_, chunk), want in zip(got, expected, strict=True):
         assert (chunk.seed, chunk.speech_tokens, chunk.final) == (want.seed, want.speech_tokens, want.final)
         np.testing.assert_allclose(chunk.audio, want.audio, atol=1e-5)
+
+
+def test_flow_batch_rows_buckets_group_sizes() -> None:
+    """Groups of nearby sizes share a flow shape: 1, 2, 4, 8, then multiples of 8, never fewer rows than
+    asked and at most 7 blank ones."""
+    sizes = range(1, 70)
+    buckets = [flow_batch_rows(n) for n in sizes]
+    assert sorted(set(buckets)) == [1, 2, 4, 8, 16, 24, 32, 40, 48, 56, 64, 72]
+    assert all(n <= b < n + 8 for n, b in zip(sizes, buckets, strict=True))
+    assert [flow_batch_rows(n) for n in (3, 5, 9, 21, 32)] == [4, 8, 16, 24, 32]

@@ -364,9 +364,9 @@ def test_synthesize_rows_equals_synthesize_of_each_row_with_its_seed(tiny_file: 
         tol = _row_tolerance(model, cond, rows, seeds, k, alone.abs().max().item())
         assert (wav - alone[0]).abs().max().item() <= tol
         assert torch.all(wav[:480] == 0)  # faded in per row
-    # padded to a block of 8 tokens (14 -> 16): each row is still its own, and as long
+    # padded to a block of 8 tokens (14 -> 16) and 5 rows (two blank): each row is still its own, and as long
     padded = model.synthesize_rows(
-        rows, cond, [torch.Generator().manual_seed(s) for s in seeds], n_timesteps=4, pad_to=8
+        rows, cond, [torch.Generator().manual_seed(s) for s in seeds], n_timesteps=4, pad_to=8, batch_rows=5
     )
     assert [w.shape for w in padded] == [(960 * n,) for n in ROW_LENGTHS]
     for k, (wav, row, seed) in enumerate(zip(padded, rows, seeds, strict=True)):

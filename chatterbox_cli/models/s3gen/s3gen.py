@@ -406,6 +406,12 @@ class S3Gen(nn.Module):
         if token_lens is None:
             token_lens = torch.full((tokens.size(0),), tokens.size(1), dtype=torch.long)
         mel = self.tokens_to_mel(tokens, cond, token_lens, n_timesteps, noise, generator, keep_graph)
+        return self._vocode(mel, generator, token_lens)
+
+    def _vocode(
+        self, mel: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None, token_lens: Tensor
+    ) -> Tensor:
+        """mel -> waveform, its first 40 ms faded in as the reference does."""
         wav = self.mel_to_wav(mel, generator, token_lens.to(mel.device) * MEL_FRAMES_PER_TOKEN)
         fade = trim_fade(device=wav.device)
         n = min(fade.numel(), wav.size(1))
@@ -419,6 +425,7 @@ class S3Gen(nn.Module):
         n_timesteps: int | None = None,
         keep_graph: bool = False,
         pad_to: int = 1,
+        batch_rows: int = 0,
     ) -> list[Tensor]:
         """Several utterances in one padded, batched flow call and one HiFT call (each row on its own
         frames, see hifigan.py): one waveform [960 * len(row)] per row of `tokens_list` (1-D speech
@@ -426,8 +433,9 @@ class S3Gen(nn.Module):
 
         Row k's noise comes from `generators[k]` only, so it equals `synthesize(tokens_list[k][None],
         cond, generator=<same seed>)` up to float rounding, whatever its batchmates. `keep_graph`: see
-        tokens_to_mel; `pad_to` pads the batch to a multiple of that many tokens, so that groups of
-        similar lengths share one shape (and one kept graph).
+        tokens_to_mel; `pad_to` pads the batch to a multiple of that many tokens and `batch_rows` (if more)
+        to that many rows, blank ones that HiFT skips, so that groups of similar sizes and lengths share
+        one shape (and one kept graph).
         """
         if len(generators) != len(tokens_list):
             raise ValueError(f"{len(tokens_list)} token rows but {len(generators)} generators")
@@ -436,13 +444,17 @@ class S3Gen(nn.Module):
         lengths = [int(t.numel()) for t in tokens_list]
         if min(lengths) < 1:
             raise ValueError("every row needs at least one speech token")
-        tokens = torch.zeros(len(lengths), -(-max(lengths) // pad_to) * pad_to, dtype=torch.long)
+        rows = max(len(lengths), batch_rows)
+        tokens = torch.zeros(rows, -(-max(lengths) // pad_to) * pad_to, dtype=torch.long)
         for row, (row_tokens, n) in enumerate(zip(tokens_list, lengths, strict=True)):
             tokens[row, :n] = row_tokens.reshape(-1).cpu()
         token_lens = torch.tensor(lengths, dtype=torch.long)
-        wav = self.synthesize(
-            tokens, cond, token_lens, n_timesteps, generator=list(generators), keep_graph=keep_graph
-        )
+        # blank rows: one token each, noise from a generator of their own (the rows' are left as they are)
+        blank = torch.Generator(generators[0].device).manual_seed(0)
+        gens = [*generators, *[blank] * (rows - len(lengths))]
+        all_lens = torch.cat((token_lens, torch.ones(rows - len(lengths), dtype=torch.long)))
+        mel = self.tokens_to_mel(tokens, cond, all_lens, n_timesteps, generator=gens, keep_graph=keep_graph)
+        wav = self._vocode(mel[: len(lengths)], list(generators), token_lens)
         return [wav[row, : n * self.samples_per_token] for row, n in enumerate(lengths)]
 
     def forward(self, tokens: Tensor, cond: GenCond, **kwargs: object) -> Tensor:
