@@ -4,13 +4,29 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
 
 import numpy as np
 
 from chatterbox_cli.pipeline import SynthesisSettings
 from chatterbox_cli.server.engine import Engine, Speech
 from chatterbox_cli.service import LoadRequest, ModelHolder
+
+
+def _speech(
+    engine: Engine, i: int, finished: threading.Semaphore, audio: list[np.ndarray] | None = None
+) -> Speech:
+    """Request i, one short chunk: its audio goes to `audio`, its end releases `finished`."""
+
+    def deliver(item: np.ndarray | BaseException | None) -> None:
+        assert not isinstance(item, BaseException), item
+        if item is None:
+            finished.release()
+        elif audio is not None:
+            audio.append(item)
+
+    assert engine.builtin is not None
+    settings = SynthesisSettings(max_tokens=10, flow_steps=2, seed=i)
+    return Speech([f"Request {i} has one short chunk."], engine.builtin, "builtin", settings, deliver)
 
 
 def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> None:
@@ -20,28 +36,15 @@ def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> Non
     is long so that a slow machine's thread scheduling cannot decide it)."""
     holder = ModelHolder(LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=10, batch=4))
     engine = Engine(holder, gather_quiet_s=0.5, gather_max_s=5.0)
-    assert engine.builtin is not None
-    settings = SynthesisSettings(max_tokens=10, flow_steps=2)
     finished = threading.Semaphore(0)
     audio: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
 
-    def speech(i: int) -> Speech:
-        def deliver(item: np.ndarray | BaseException | None) -> None:
-            assert not isinstance(item, BaseException), item
-            if item is None:
-                finished.release()
-            else:
-                audio[i].append(item)
-
-        chunks = [f"Request {i} has one short chunk."]
-        return Speech(chunks, engine.builtin, "builtin", replace(settings, seed=i), deliver)
-
     engine.start()
     try:
-        engine.submit(speech(0))
+        engine.submit(_speech(engine, 0, finished, audio[0]))
         time.sleep(0.05)
-        engine.submit(speech(1))
-        engine.submit(speech(2))
+        engine.submit(_speech(engine, 1, finished, audio[1]))
+        engine.submit(_speech(engine, 2, finished, audio[2]))
         for _ in range(3):
             assert finished.acquire(timeout=120)
     finally:
@@ -52,34 +55,48 @@ def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> Non
 
 def test_after_a_round_that_ended_requests_the_next_waits_for_as_many(tiny_checkpoint: str) -> None:
     """Two requests share a round and end. The next two arrive 0.5 s apart, ten times the quiet window:
-    the quiet window alone would start a round of one, but the engine waits (up to its 5 s maximum) until
-    as many requests wait as the last round ended, so both share the second round."""
+    the quiet window alone would start a round of one, but the engine waits (while requests come no more
+    than its 2 s return gap apart, up to its 5 s maximum) until as many requests wait as the last round
+    ended, so both share the second round."""
     holder = ModelHolder(LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=10, batch=4))
-    engine = Engine(holder, gather_quiet_s=0.05, gather_max_s=5.0)
-    assert engine.builtin is not None
-    settings = SynthesisSettings(max_tokens=10, flow_steps=2)
+    engine = Engine(holder, gather_quiet_s=0.05, return_gap_s=2.0, gather_max_s=5.0)
     finished = threading.Semaphore(0)
-
-    def speech(i: int) -> Speech:
-        def deliver(item: np.ndarray | BaseException | None) -> None:
-            assert not isinstance(item, BaseException), item
-            if item is None:
-                finished.release()
-
-        return Speech([f"Request {i}."], engine.builtin, "builtin", replace(settings, seed=i), deliver)
 
     engine.start()
     try:
-        engine.submit(speech(0))
-        engine.submit(speech(1))
+        engine.submit(_speech(engine, 0, finished))
+        engine.submit(_speech(engine, 1, finished))
         for _ in range(2):
             assert finished.acquire(timeout=120)
         assert engine.rounds == 1 and engine.largest_group == 2
-        engine.submit(speech(2))
+        engine.submit(_speech(engine, 2, finished))
         time.sleep(0.5)
-        engine.submit(speech(3))
+        engine.submit(_speech(engine, 3, finished))
         for _ in range(2):
             assert finished.acquire(timeout=120)
+    finally:
+        engine.stop(timeout=60)
+    assert engine.rounds == 2
+
+
+def test_a_client_that_does_not_come_back_delays_the_next_round_by_the_return_gap_only(
+    tiny_checkpoint: str,
+) -> None:
+    """Two requests share a round and end; only one client sends another. The engine waits for the second
+    no longer than the return gap (0.3 s) after the last arrival, not for its 60 s maximum: the request is
+    done well within the test's 30 s (a round of the tiny model on a CPU takes about a second)."""
+    holder = ModelHolder(LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=10, batch=4))
+    engine = Engine(holder, gather_quiet_s=0.05, return_gap_s=0.3, gather_max_s=60.0)
+    finished = threading.Semaphore(0)
+
+    engine.start()
+    try:
+        engine.submit(_speech(engine, 0, finished))
+        engine.submit(_speech(engine, 1, finished))
+        for _ in range(2):
+            assert finished.acquire(timeout=120)
+        engine.submit(_speech(engine, 2, finished))
+        assert finished.acquire(timeout=30)
     finally:
         engine.stop(timeout=60)
     assert engine.rounds == 2

@@ -53,11 +53,14 @@ OPENAI_VOICES = frozenset(
 BUILTIN = ("default", "builtin")
 
 # How long the worker waits for more requests before it starts a round: until none has arrived for
-# GATHER_QUIET_S and as many wait as the last round ended, and no longer than GATHER_MAX_S. A lone request
-# pays GATHER_QUIET_S once. With the quiet gap alone, 32 closed-loop clients' next requests were once
-# split 5 + 27 (H100, benchmarks/serve_load.py): the 27 waited for a whole round.
+# GATHER_QUIET_S, and no longer than GATHER_MAX_S. After a round that ended K requests, while fewer than K
+# wait, it waits on as long as requests keep coming (RETURN_GAP_S apart at most). A lone request pays
+# GATHER_QUIET_S once. 32 closed-loop clients' next requests reach the server over 0.15 s and more, a few
+# ms apart (H100, benchmarks/serve_load.py): with the quiet gap alone they were once split 5 + 27, with a
+# 0.15 s cap 21 + 11, and each part of a split waits for the other's rounds.
 GATHER_QUIET_S = 0.02
-GATHER_MAX_S = 0.15
+RETURN_GAP_S = 0.1
+GATHER_MAX_S = 0.5
 
 # What a request receives from the engine: audio (float32, 24 kHz, pauses included), an error, or None
 # at the end.
@@ -90,10 +93,14 @@ class Speech:
 
 class Engine:
     def __init__(
-        self, holder: ModelHolder, gather_quiet_s: float = GATHER_QUIET_S, gather_max_s: float = GATHER_MAX_S
+        self,
+        holder: ModelHolder,
+        gather_quiet_s: float = GATHER_QUIET_S,
+        return_gap_s: float = RETURN_GAP_S,
+        gather_max_s: float = GATHER_MAX_S,
     ) -> None:
         self.holder = holder
-        self.gather_quiet_s, self.gather_max_s = gather_quiet_s, gather_max_s
+        self.gather_quiet_s, self.return_gap_s, self.gather_max_s = gather_quiet_s, return_gap_s, gather_max_s
         self._last_arrival = 0.0
         self._returning = 0  # requests the last round ended: their clients may be sending the next ones
         model = holder.model
@@ -170,7 +177,7 @@ class Engine:
                     self._queue = [s for s in self._queue if not s.cancelled]
                 if not self._queue:
                     return
-                self._gather()
+                gathered = self._gather()
                 self._queue = [s for s in self._queue if not s.cancelled]
                 if not self._queue:
                     continue
@@ -180,23 +187,26 @@ class Engine:
             try:
                 size, _ = self.holder.group_size(len(candidates))
                 group = candidates[:size]
-                self._round(group)
+                self._round(group, gathered)
             except Exception as e:  # every request of the round hears of it
                 self._fail(group, e)
 
-    def _gather(self) -> None:
-        """Wait while requests keep arriving or fewer wait than the last round ended, up to gather_max_s
-        (see GATHER_QUIET_S). Called holding the lock, which the waits release."""
-        end = time.perf_counter() + self.gather_max_s
+    def _gather(self) -> float:
+        """Wait while requests keep arriving, longer while fewer wait than the last round ended, up to
+        gather_max_s (see GATHER_QUIET_S); return the seconds waited. Called holding the lock, which the
+        waits release."""
+        start = time.perf_counter()
         while not self._stopping:
-            quiet = self._last_arrival + self.gather_quiet_s
-            wait = (end if len(self._queue) < self._returning else min(end, quiet)) - time.perf_counter()
+            since = max(self._last_arrival, start)
+            gap = self.return_gap_s if len(self._queue) < self._returning else self.gather_quiet_s
+            wait = min(start + self.gather_max_s, since + gap) - time.perf_counter()
             if wait <= 0:
                 break
             self._wake.wait(wait)
         self._returning = 0
+        return time.perf_counter() - start
 
-    def _round(self, group: list[Speech]) -> None:
+    def _round(self, group: list[Speech], gathered: float) -> None:
         self.rounds += 1
         self.largest_group = max(self.largest_group, len(group))
         started = time.perf_counter()
@@ -228,11 +238,12 @@ class Engine:
             if not speech.cancelled:
                 speech.deliver(None)
         log.info(
-            "round %d: %d requests (%d starting), first audio after %.3f s, done after %.3f s "
-            "(T3 after the early pieces %.3f s, early pieces' S3Gen %.3f s, S3Gen %.3f s)",
+            "round %d: %d requests (%d starting, gathered for %.3f s), first audio after %.3f s, done after "
+            "%.3f s (T3 after the early pieces %.3f s, early pieces' S3Gen %.3f s, S3Gen %.3f s)",
             self.rounds,
             len(group),
             starting,
+            gathered,
             first_audio or 0.0,
             time.perf_counter() - started,
             t3_s,
