@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 
 import numpy as np
+import pytest
 
 from chatterbox_cli.pipeline import SynthesisSettings
 from chatterbox_cli.server.engine import Engine, Speech
@@ -100,3 +103,26 @@ def test_a_client_that_does_not_come_back_delays_the_next_round_by_the_return_ga
     finally:
         engine.stop(timeout=60)
     assert engine.rounds == 2
+
+
+def test_a_round_that_goes_on_with_waiting_chunks_does_not_wait_for_quiet(
+    tiny_checkpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A two-chunk request: its first round gathers for the quiet window (1 s) after it arrived; its second
+    round, with nothing new arriving, starts at once (the log says how long each round gathered). Waiting
+    the window again would log at least 1 s; 0.5 s leaves room for a slow machine's thread wake-ups."""
+    caplog.set_level(logging.INFO, logger="chatterbox.server")
+    holder = ModelHolder(LoadRequest(model=tiny_checkpoint, device="cpu", max_tokens=10, batch=4))
+    engine = Engine(holder, gather_quiet_s=1.0, gather_max_s=5.0)
+    finished = threading.Semaphore(0)
+    speech = _speech(engine, 0, finished)
+    speech.chunks = ["The first chunk of the request.", "And its second chunk."]
+    engine.start()
+    try:
+        engine.submit(speech)
+        assert finished.acquire(timeout=120)
+    finally:
+        engine.stop(timeout=60)
+    gathered = [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", caplog.text)]
+    assert len(gathered) == 2 and engine.rounds == 2
+    assert gathered[0] >= 0.9 and gathered[1] < 0.5

@@ -197,9 +197,11 @@ class Engine:
         waits release."""
         start = time.perf_counter()
         while not self._stopping:
-            since = max(self._last_arrival, start)
-            gap = self.return_gap_s if len(self._queue) < self._returning else self.gather_quiet_s
-            wait = min(start + self.gather_max_s, since + gap) - time.perf_counter()
+            if len(self._queue) < self._returning:  # the gap counts from the round's end at the earliest
+                until = max(self._last_arrival, start) + self.return_gap_s
+            else:
+                until = self._last_arrival + self.gather_quiet_s
+            wait = min(start + self.gather_max_s, until) - time.perf_counter()
             if wait <= 0:
                 break
             self._wake.wait(wait)
