@@ -401,3 +401,27 @@ def test_parked_vocoder_visits_the_gpu_only_during_a_call(tiny_file: Path) -> No
     b = parked.mel_to_wav(mel, torch.Generator("cuda").manual_seed(0))
     assert b.device.type == "cuda" and torch.equal(a, b)
     assert next(parked.mel2wav.parameters()).device.type == "cpu"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_groups_of_nearby_sizes_share_one_kept_flow_graph(tiny_file: Path) -> None:
+    """Three rows and four rows both run the flow as four (pipeline.flow_batch_rows): one kept graph serves
+    both calls. The three rows come out the same beside a blank row as beside a real one: the same
+    kernels on the same shapes compute each row from its own inputs only, and HiFT runs the real rows."""
+    model = S3Gen.load(tiny_file, "cuda", torch.float32)
+    cond = _cond(model.config).to("cuda")
+    rows = _rows()
+    extra = torch.randint(0, 6561, (11,), generator=torch.Generator().manual_seed(9))
+
+    def call(rows: list[torch.Tensor]) -> list[torch.Tensor]:
+        gens = [torch.Generator("cuda").manual_seed(s) for s in range(len(rows))]
+        return model.synthesize_rows(rows, cond, gens, n_timesteps=4, keep_graph=True, pad_to=8, batch_rows=4)
+
+    call([*rows, extra])  # captures the graph (its first step runs eagerly); the calls below replay it
+    three, four = call(rows), call([*rows, extra])
+    assert len(model.flow.decoder.kept) == 1
+    assert [w.shape for w in four] == [(960 * n,) for n in (*ROW_LENGTHS, 11)]
+    for a, b in zip(three, four, strict=False):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
