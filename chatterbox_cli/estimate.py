@@ -197,6 +197,7 @@ def s3gen_stage_bytes(
 
     encoder    the upsampling Conformer at T = 2 * (prompt + tokens) frames; attention runs in query blocks
                of n rows whose raw position scores [B, H, n, T+n-1] fit ATTN_BLOCK_BYTES (conformer.py);
+               B is the flow's rows, the batch with its blank rows (s3gen.flow_batch_rows);
     estimator  one Euler step of the CFM U-Net on 2B rows (the flow's own CFG, always on), fused SDPA;
     hift       the vocoder on 2 * tokens mel frames; it runs one row at a time (its last stage at 120
                positions per frame): the decoder on one chunk of DECODE_CHUNK_BYTES (hifigan.py) with its
@@ -207,15 +208,17 @@ def s3gen_stage_bytes(
     """
     from chatterbox_cli.models.s3gen.conformer import ATTN_BLOCK_BYTES, query_block_size
     from chatterbox_cli.models.s3gen.hifigan import DECODE_CHUNK_BYTES, DECODE_CONTEXT_FRAMES, SOURCE_ROWS
+    from chatterbox_cli.models.s3gen.s3gen import flow_batch_rows
 
     e = act_bytes
+    flow = flow_batch_rows(batch)
     frames = (prompt_tokens + max_tokens) * TOKEN_MEL_RATIO
-    n = query_block_size(batch, FLOW_ENC_HEADS, frames, e, ATTN_BLOCK_BYTES)
+    n = query_block_size(flow, FLOW_ENC_HEADS, frames, e, ATTN_BLOCK_BYTES)
     pos = FLOW_ENC_POS_TENSORS * (2 * frames - 1) * FLOW_ENC_DIM * e
-    block = batch * FLOW_ENC_HEADS * n * ((frames + n - 1) + FLOW_ENC_BIAS_TENSORS * frames) * e
-    attention = FLOW_ENC_LIVE_ROWS * batch * frames * FLOW_ENC_DIM * e + pos + block
-    feed_forward = batch * frames * (FLOW_ENC_FF_LIVE_ROWS * FLOW_ENC_DIM + 2 * FLOW_ENC_FF) * e + pos
-    rows = 2 * batch
+    block = flow * FLOW_ENC_HEADS * n * ((frames + n - 1) + FLOW_ENC_BIAS_TENSORS * frames) * e
+    attention = FLOW_ENC_LIVE_ROWS * flow * frames * FLOW_ENC_DIM * e + pos + block
+    feed_forward = flow * frames * (FLOW_ENC_FF_LIVE_ROWS * FLOW_ENC_DIM + 2 * FLOW_ENC_FF) * e + pos
+    rows = 2 * flow
     estimator = (
         rows * frames * (FLOW_EST_LIVE_CHANNELS * FLOW_EST_CHANNELS + FLOW_EST_MEL_TENSORS * MEL_BINS) * e
     )

@@ -21,7 +21,7 @@ from chatterbox_cli.audio import crossfade, fade_edges, join_pause
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.languages import LANGUAGES, find_language
 from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, S3GEN_SILENCE_TOKEN, Conditionals
-from chatterbox_cli.models.s3gen import S3Gen
+from chatterbox_cli.models.s3gen import S3Gen, flow_batch_rows
 from chatterbox_cli.models.sampling import SamplingSettings
 from chatterbox_cli.models.t3 import T3, T3Config
 from chatterbox_cli.models.tokenizer import CheckpointTokenizer, TextTokenizer
@@ -39,13 +39,6 @@ CROSSFADE_MS = 20.0
 # A group's speech tokens are padded to a multiple of this many for S3Gen's flow (0.64 s; at most 15 tokens
 # of padding beside the voice prompt's and the chunk's own).
 FLOW_TOKEN_BLOCK = 16
-
-
-def flow_batch_rows(rows: int) -> int:
-    """The rows a group's flow call runs with on CUDA: 1, 2, 4, 8, then a multiple of 8 (blank rows added),
-    so that groups of nearby sizes share one shape and one kept graph. A server's rounds change size as
-    requests come and go (and a chunk ends early); a new shape costs a capture, several times a replay."""
-    return rows if rows <= 2 else 4 if rows <= 4 else -(-rows // 8) * 8
 
 
 # The settings whose default is the variant's (variants.Generation)

@@ -588,8 +588,6 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
         return request.batch, f"batch {request.batch} (--batch)"
     if model.device.type != "cuda":
         return 1, "batch 1: the CPU decodes one chunk at a time"
-    from chatterbox_cli.pipeline import flow_batch_rows
-
     shape = model.t3_shape
     cfg, max_tokens = cfg_weight(request, model.variant) > 0, request.max_tokens
     text = estimate.TEXT_TOKENS_DEFAULT
@@ -603,10 +601,10 @@ def batch_size(model: LoadedModel, request: LoadRequest, chunks: int) -> tuple[i
     turns = model.takes_turns
 
     def fits(n: int) -> bool:
-        # S3Gen renders a whole group at once (blank rows included, pipeline.flow_batch_rows): its workspace
-        # grows with the group too. Taking turns, S3Gen's turn has the KV caches' room to itself (its
-        # weights are in T3's arena); without, its workspace comes on top of T3 and the KV caches.
-        s3gen = estimate.s3gen_workspace_bytes(max_tokens, flow_batch_rows(n), cfg)
+        # S3Gen renders a whole group at once (its flow with blank rows, see s3gen.flow_batch_rows): its
+        # workspace grows with the group too. Taking turns, S3Gen's turn has the KV caches' room to itself
+        # (its weights are in T3's arena); without, its workspace comes on top of T3 and the KV caches.
+        s3gen = estimate.s3gen_workspace_bytes(max_tokens, n, cfg)
         if turns:
             return max(n * per_chunk, s3gen) <= room
         return n * per_chunk + s3gen <= room

@@ -271,6 +271,10 @@ def test_s3gen_workspace_terms_by_hand() -> None:
     estimator = 2 * 8 * 2 * 1250 * (13 * 256 + 6 * 80) * 2
     assert est.s3gen_stage_bytes(1000, 8)["estimator"] == estimator == 304_640_000
     assert est.s3gen_workspace_bytes(1000, 8, True) == 432_588_800
+    # batch 5: on CUDA the flow runs 8 rows, three blank (s3gen.flow_batch_rows); the vocoder the 5 real ones
+    five, eight = est.s3gen_stage_bytes(1000, 5), est.s3gen_stage_bytes(1000, 8)
+    assert five["encoder"] == eight["encoder"] and five["estimator"] == estimator
+    assert five["hift"] < eight["hift"]
 
 
 def test_workspace_of_the_fp16_estimate_is_pinned(official: tuple[Path, dict]) -> None:

@@ -11,8 +11,9 @@ import torch
 
 from chatterbox_cli import pipeline, service
 from chatterbox_cli.errors import UsageError
+from chatterbox_cli.models.s3gen import flow_batch_rows
 from chatterbox_cli.models.sampling import SamplingSettings
-from chatterbox_cli.pipeline import SynthesisSettings, flow_batch_rows
+from chatterbox_cli.pipeline import SynthesisSettings
 from chatterbox_cli.variants import ENGLISH, MULTILINGUAL, TURBO
 
 FAST = {"max_tokens": 20, "flow_steps": 2}
