@@ -27,7 +27,7 @@ GiB = 1024**3
 # plus T3's prefill workspace int(0.46 x 82,781,376) (see test_estimate.py).
 KV = 2 * 30 * 2 * 1337 * 1024 * 2
 PER_CHUNK = KV + 38_079_432
-# S3Gen for a group of b >= 5 chunks, whose flow runs r = pipeline.flow_batch_rows(b) rows (b rounded up to
+# S3Gen for a group of b >= 5 chunks, whose flow runs r = s3gen.flow_batch_rows(b) rows (b rounded up to
 # 8, 16, 24, ...): the flow estimator's 2r x 2500 frames x 3808 channels x 2 bytes, x 1.42 (= 54,073,600 per
 # row); smaller groups are dominated by the vocoder instead.
 S3GEN_PER_CHUNK = 54_073_600

@@ -406,7 +406,7 @@ def test_parked_vocoder_visits_the_gpu_only_during_a_call(tiny_file: Path) -> No
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_groups_of_nearby_sizes_share_one_kept_flow_graph(tiny_file: Path) -> None:
-    """Three rows and four rows both run the flow as four (pipeline.flow_batch_rows): one kept graph serves
+    """Three rows and four rows both run the flow as four (s3gen.flow_batch_rows): one kept graph serves
     both calls. The three rows come out the same beside a blank row as beside a real one: the same
     kernels on the same shapes compute each row from its own inputs only, and HiFT runs the real rows."""
     model = S3Gen.load(tiny_file, "cuda", torch.float32)
