@@ -21,7 +21,7 @@ from chatterbox_cli.audio import crossfade, fade_edges, join_pause
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.languages import LANGUAGES, find_language
 from chatterbox_cli.models.conds import S3_CODEBOOK_SIZE, S3GEN_SILENCE_TOKEN, Conditionals
-from chatterbox_cli.models.s3gen import S3Gen, flow_batch_rows
+from chatterbox_cli.models.s3gen import FLOW_TOKEN_BLOCK, S3Gen, flow_batch_rows
 from chatterbox_cli.models.sampling import SamplingSettings
 from chatterbox_cli.models.t3 import T3, T3Config
 from chatterbox_cli.models.tokenizer import CheckpointTokenizer, TextTokenizer
@@ -36,9 +36,6 @@ MAX_SEED = 2**63 - 1
 # crossfade.
 EARLY_LOOKAHEAD = 8
 CROSSFADE_MS = 20.0
-# A group's speech tokens are padded to a multiple of this many for S3Gen's flow (0.64 s; at most 15 tokens
-# of padding beside the voice prompt's and the chunk's own).
-FLOW_TOKEN_BLOCK = 16
 
 
 # The settings whose default is the variant's (variants.Generation)

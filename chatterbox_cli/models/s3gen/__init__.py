@@ -2,6 +2,7 @@
 
 from .flow import Flow, FlowConfig
 from .s3gen import (
+    FLOW_TOKEN_BLOCK,
     MEANFLOW_KEY,
     PARTS,
     SPEECH_PARTS,
@@ -16,6 +17,7 @@ from .s3gen import (
 )
 
 __all__ = [
+    "FLOW_TOKEN_BLOCK",
     "MEANFLOW_KEY",
     "PARTS",
     "SPEECH_PARTS",

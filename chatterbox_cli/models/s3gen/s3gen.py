@@ -40,11 +40,17 @@ MEL_FRAMES_PER_TOKEN = 2
 MEANFLOW_KEY = "flow.decoder.estimator.time_embed_mixer.weight"  # only a mean-flow (Turbo) file has it
 
 
+# The shapes of a group's flow call on CUDA, so that groups of similar lengths and sizes share one shape and
+# one kept graph (a new shape costs a capture, several times a replay): speech tokens padded to a multiple
+# of FLOW_TOKEN_BLOCK (0.64 s; at most 15 tokens beside the voice prompt's and the chunk's own), rows to
+# flow_batch_rows.
+FLOW_TOKEN_BLOCK = 16
+
+
 def flow_batch_rows(rows: int) -> int:
     """The rows a group's flow call runs with on CUDA (synthesize_rows' batch_rows; the memory estimate
-    counts them): 1, 2, 4, 8, then a multiple of 8, blank rows added, so that groups of nearby sizes share
-    one shape and one kept graph. A server's rounds change size as requests come and go (and as a chunk
-    ends early); a new shape costs a capture, several times a replay."""
+    counts them): 1, 2, 4, 8, then a multiple of 8, blank rows added. A server's rounds change size as
+    requests come and go (and as a chunk ends early)."""
     return rows if rows <= 2 else 4 if rows <= 4 else -(-rows // 8) * 8
 
 
