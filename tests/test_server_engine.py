@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -32,9 +34,18 @@ def _speech(
     return Speech([f"Request {i} has one short chunk."], engine.builtin, "builtin", settings, deliver)
 
 
-def _engine(checkpoint: str, **gather: float) -> Engine:
-    """An engine on the tiny checkpoint (CPU, up to 4 chunks a round) with these gather windows."""
-    return Engine(ModelHolder(LoadRequest(model=checkpoint, device="cpu", max_tokens=10, batch=4)), **gather)
+@contextlib.contextmanager
+def _running(checkpoint: str, **gather: float) -> Iterator[Engine]:
+    """A started engine on the tiny checkpoint (CPU, up to 4 chunks a round) with these gather windows,
+    stopped at the end."""
+    engine = Engine(
+        ModelHolder(LoadRequest(model=checkpoint, device="cpu", max_tokens=10, batch=4)), **gather
+    )
+    engine.start()
+    try:
+        yield engine
+    finally:
+        engine.stop(timeout=60)
 
 
 def _end_a_round_of_two(engine: Engine, finished: threading.Semaphore) -> None:
@@ -51,20 +62,15 @@ def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> Non
     start in the first round. Without the wait, the worker, woken by the first request, would have
     started a round of one 50 ms before the others came (the engine's default window is 20 ms; the test's
     is long so that a slow machine's thread scheduling cannot decide it)."""
-    engine = _engine(tiny_checkpoint, gather_quiet_s=0.5, gather_max_s=5.0)
     finished = threading.Semaphore(0)
     audio: dict[int, list[np.ndarray]] = {0: [], 1: [], 2: []}
-
-    engine.start()
-    try:
+    with _running(tiny_checkpoint, gather_quiet_s=0.5, gather_max_s=5.0) as engine:
         engine.submit(_speech(engine, 0, finished, audio[0]))
         time.sleep(0.05)
         engine.submit(_speech(engine, 1, finished, audio[1]))
         engine.submit(_speech(engine, 2, finished, audio[2]))
         for _ in range(3):
             assert finished.acquire(timeout=120)
-    finally:
-        engine.stop(timeout=60)
     assert engine.rounds == 1 and engine.largest_group == 3
     assert all(sum(a.shape[0] for a in pieces) > 0 for pieces in audio.values())
 
@@ -74,19 +80,14 @@ def test_after_a_round_that_ended_requests_the_next_waits_for_as_many(tiny_check
     the quiet window alone would start a round of one, but the engine waits (while requests come no more
     than its 2 s return gap apart, up to its 5 s maximum) until as many requests wait as the last round
     ended, so both share the second round."""
-    engine = _engine(tiny_checkpoint, gather_quiet_s=0.05, return_gap_s=2.0, gather_max_s=5.0)
     finished = threading.Semaphore(0)
-
-    engine.start()
-    try:
+    with _running(tiny_checkpoint, gather_quiet_s=0.05, return_gap_s=2.0, gather_max_s=5.0) as engine:
         _end_a_round_of_two(engine, finished)
         engine.submit(_speech(engine, 2, finished))
         time.sleep(0.5)
         engine.submit(_speech(engine, 3, finished))
         for _ in range(2):
             assert finished.acquire(timeout=120)
-    finally:
-        engine.stop(timeout=60)
     assert engine.rounds == 2
 
 
@@ -96,16 +97,11 @@ def test_a_client_that_does_not_come_back_delays_the_next_round_by_the_return_ga
     """Two requests share a round and end; only one client sends another. The engine waits for the second
     no longer than the return gap (0.3 s) after the last arrival, not for its 60 s maximum: the request is
     done well within the test's 30 s (a round of the tiny model on a CPU takes about a second)."""
-    engine = _engine(tiny_checkpoint, gather_quiet_s=0.05, return_gap_s=0.3, gather_max_s=60.0)
     finished = threading.Semaphore(0)
-
-    engine.start()
-    try:
+    with _running(tiny_checkpoint, gather_quiet_s=0.05, return_gap_s=0.3, gather_max_s=60.0) as engine:
         _end_a_round_of_two(engine, finished)
         engine.submit(_speech(engine, 2, finished))
         assert finished.acquire(timeout=30)
-    finally:
-        engine.stop(timeout=60)
     assert engine.rounds == 2
 
 
@@ -116,16 +112,12 @@ def test_a_round_that_goes_on_with_waiting_chunks_does_not_wait_for_quiet(
     round, with nothing new arriving, starts at once (the log says how long each round gathered). Waiting
     the window again would log at least 1 s; 0.5 s leaves room for a slow machine's thread wake-ups."""
     caplog.set_level(logging.INFO, logger="chatterbox.server")
-    engine = _engine(tiny_checkpoint, gather_quiet_s=1.0, gather_max_s=5.0)
     finished = threading.Semaphore(0)
-    speech = _speech(engine, 0, finished)
-    speech.chunks = ["The first chunk of the request.", "And its second chunk."]
-    engine.start()
-    try:
+    with _running(tiny_checkpoint, gather_quiet_s=1.0, gather_max_s=5.0) as engine:
+        speech = _speech(engine, 0, finished)
+        speech.chunks = ["The first chunk of the request.", "And its second chunk."]
         engine.submit(speech)
         assert finished.acquire(timeout=120)
-    finally:
-        engine.stop(timeout=60)
     gathered = [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", caplog.text)]
     assert len(gathered) == 2 and engine.rounds == 2
     assert gathered[0] >= 0.9 and gathered[1] < 0.5
