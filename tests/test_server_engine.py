@@ -105,6 +105,24 @@ def test_a_client_that_does_not_come_back_delays_the_next_round_by_the_return_ga
     assert engine.rounds == 2
 
 
+def test_a_request_long_after_a_round_ended_waits_only_for_quiet(
+    tiny_checkpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two requests share a round and end; a request arrives 1.5 s later, past the return gap (1 s): the
+    ended round's clients are not returning together, so it starts after the quiet window (0.05 s), not
+    the return gap. Waiting the gap would log at least 1 s; 0.5 s leaves room for a slow machine's thread
+    wake-ups."""
+    caplog.set_level(logging.INFO, logger="chatterbox.server")
+    finished = threading.Semaphore(0)
+    with _running(tiny_checkpoint, gather_quiet_s=0.05, return_gap_s=1.0, gather_max_s=5.0) as engine:
+        _end_a_round_of_two(engine, finished)
+        time.sleep(1.5)
+        engine.submit(_speech(engine, 2, finished))
+        assert finished.acquire(timeout=120)
+    gathered = [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", caplog.text)]
+    assert len(gathered) == 2 and gathered[1] < 0.5
+
+
 def test_a_round_that_goes_on_with_waiting_chunks_does_not_wait_for_quiet(
     tiny_checkpoint: str, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -54,7 +54,8 @@ BUILTIN = ("default", "builtin")
 
 # How long the worker waits for more requests before it starts a round: until none has arrived for
 # GATHER_QUIET_S, and no longer than GATHER_MAX_S. After a round that ended K requests, while fewer than K
-# wait, it waits on as long as requests keep coming (RETURN_GAP_S apart at most). A lone request pays
+# wait, it waits on as long as requests keep coming (RETURN_GAP_S apart at most, the first within
+# RETURN_GAP_S of the round's end). A lone request pays
 # GATHER_QUIET_S once. 32 closed-loop clients' next requests reach the server over 0.15 s and more, a few
 # ms apart (H100, benchmarks/serve_load.py): with the quiet gap alone they were once split 5 + 27, with a
 # 0.15 s cap 21 + 11, and each part of a split waits for the other's rounds.
@@ -103,6 +104,7 @@ class Engine:
         self.gather_quiet_s, self.return_gap_s, self.gather_max_s = gather_quiet_s, return_gap_s, gather_max_s
         self._last_arrival = 0.0
         self._returning = 0  # requests the last round ended: their clients may be sending the next ones
+        self._ended_at = 0.0  # when the last round ended
         model = holder.model
         self.variant = model.variant
         self.tokenizer = model.tokenizer  # the same at every preset
@@ -196,6 +198,8 @@ class Engine:
         gather_max_s (see GATHER_QUIET_S); return the seconds waited. Called holding the lock, which the
         waits release."""
         start = time.perf_counter()
+        if start - self._ended_at > self.return_gap_s:  # nobody came back soon: no returns to wait for
+            self._returning = 0
         while not self._stopping:
             if len(self._queue) < self._returning:  # the gap counts from the round's end at the earliest
                 until = max(self._last_arrival, start) + self.return_gap_s
@@ -234,6 +238,7 @@ class Engine:
         with self._wake:
             done = [s for s in group if s.next == len(s.chunks) or s.cancelled]
             self._returning = sum(not s.cancelled for s in done)
+            self._ended_at = time.perf_counter()
             # the round's requests go behind the others that wait (the queue keeps arrival order otherwise)
             self._queue = [s for s in self._queue if s not in group] + [s for s in group if s not in done]
         for speech in done:
