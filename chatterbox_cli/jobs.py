@@ -191,7 +191,12 @@ def _check_options(job: SynthesizeJob) -> None:
         if voice_library.is_name(job.voice):
             voice_library.find(job.voice)  # a library voice, or an error naming the library's
         else:
-            raise UsageError(f"{job.voice} does not exist; check the path given to --voice")
+            what = (
+                "is a folder; give an audio clip or a .voice file"
+                if Path(job.voice).is_dir()
+                else "does not exist; check the path given"
+            )
+            raise UsageError(f"{job.voice} {what} to --voice")
     output_format(job)
 
 

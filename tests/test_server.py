@@ -334,3 +334,6 @@ def test_missing_extra_and_a_taken_port_are_usage_errors(
         assert run([*args, "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "is in use; choose another --port" in err and "Traceback" not in err
+    assert run([*args, "--port", "99999"]) == 2  # socket.bind would raise OverflowError
+    err = capsys.readouterr().err
+    assert "less than or equal to 65535" in err and "Traceback" not in err

@@ -322,6 +322,11 @@ def test_binary_input_file(synth: Callable[..., tuple[int, str, str]], tmp_path:
     assert code == 2 and "does not exist" in stderr
 
 
+def test_a_folder_given_as_the_voice(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
+    code, _, stderr = synth("Hello.", "--voice", str(tmp_path), "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and f"{tmp_path} is a folder; give an audio clip or a .voice file to --voice" in stderr
+
+
 def test_output_folder_that_cannot_exist(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
     # A path below a regular file can never be created, even by root (CI runs as root: chmod won't block).
     blocker = tmp_path / "out.txt"
