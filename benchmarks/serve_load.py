@@ -41,7 +41,6 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from small_card import Sampler  # noqa: E402
 
-from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # noqa: E402
 from chatterbox_cli.testing.gpu_holder import HeldGpu  # noqa: E402
 
 BYTES_PER_SECOND = 24_000 * 2  # pcm: 16-bit mono at 24 kHz
@@ -228,6 +227,8 @@ def main() -> None:
     args = parser.parse_args()
     checkpoint = Path(args.checkpoint)
     if not (checkpoint / "t3_cfg.safetensors").exists():
+        from chatterbox_cli.testing.checkpoint_writer import write_random_checkpoint  # imports torch
+
         print(f"writing a full-size random checkpoint to {checkpoint}", file=sys.stderr)
         write_random_checkpoint(checkpoint, "full", seed=0)
     if args.free is None:
