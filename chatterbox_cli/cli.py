@@ -808,6 +808,14 @@ def serve(
             show_default=False,
         ),
     ] = None,
+    allow_origin: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Let web pages from this origin (http://localhost:3000) call the API; repeat for more, "
+            "* for any. Default: none.",
+            show_default=False,
+        ),
+    ] = None,
     max_batch: Annotated[
         int, typer.Option(help="Chunks of concurrent requests decoded together; 0: as many as memory allows.")
     ] = 0,
@@ -840,7 +848,13 @@ def serve(
     )
     limits = Limits(max_input_chars, max_concurrent, timeout, max_body, max_tokens)
     run_server(
-        request, limits, host=host, port=port, api_key=api_key, notify=lambda m: typer.echo(m, err=True)
+        request,
+        limits,
+        host=host,
+        port=port,
+        api_key=api_key,
+        allow_origins=allow_origin or (),
+        notify=lambda m: typer.echo(m, err=True),
     )
 
 

@@ -24,6 +24,7 @@ from conftest import child_env
 openai = pytest.importorskip("openai")  # the test extra installs it; CI fails loudly if it is missing
 
 KEY = "test-key"
+ORIGIN = "http://app.example:3000"  # the module's server lets web pages from here call it (CORS)
 TWO = "The first sentence is short. The second sentence is a little longer than the first."
 # about 500 characters: three chunks of about 150 text tokens (text.DEFAULT_MAX_TOKENS)
 LONG = " ".join(f"Sentence {i} goes on for a while with several more words." for i in range(9))
@@ -93,7 +94,7 @@ def library(tiny_checkpoint: str, tmp_path_factory: pytest.TempPathFactory) -> P
 def server(tiny_checkpoint: str, library: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """A server with a key, decoding up to 4 chunks of concurrent requests together, small limits."""
     env = child_env(CHATTERBOX_VOICES=str(library), CHATTERBOX_API_KEY=KEY)
-    options = ("--max-batch", "4", "--max-input-chars", "600", "--max-body", "2000")
+    options = ("--max-batch", "4", "--max-input-chars", "600", "--max-body", "2000", "--allow-origin", ORIGIN)
     s = start_server(tiny_checkpoint, tmp_path_factory.mktemp("server"), env, *options)
     yield s
     s.stop()
@@ -227,6 +228,26 @@ def test_a_wrong_or_missing_key_is_refused(server: Server) -> None:
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
 
 
+def test_web_pages_from_the_allowed_origin_only_may_call_the_api(server: Server) -> None:
+    """A browser asks before a POST with a key (preflight), then sends it with its page's Origin: the
+    allowed origin gets the headers that let the page read the audio, another gets none."""
+    url = server.url + "/v1/audio/speech"
+    for origin, allowed in ((ORIGIN, True), ("http://elsewhere.example", False)):
+        ask = {
+            "Origin": origin,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        }
+        preflight = httpx.options(url, headers=ask)
+        assert preflight.status_code == (200 if allowed else 400)
+        assert preflight.headers.get("access-control-allow-origin") == (origin if allowed else None)
+        payload = {"model": "tts-1", "voice": "alloy", "input": "Hi.", "response_format": "pcm"}
+        headers = {"Origin": origin, "Authorization": f"Bearer {KEY}"}
+        response = httpx.post(url, json=payload, headers=headers, timeout=120)
+        assert response.status_code == 200 and len(response.content) > 0
+        assert response.headers.get("access-control-allow-origin") == (origin if allowed else None)
+
+
 def test_a_client_leaving_mid_stream_does_not_stop_the_others(server: Server) -> None:
     payload = {"model": "tts-1", "voice": "alloy", "input": LONG, "response_format": "pcm"}
     headers = {"Authorization": f"Bearer {KEY}"}
@@ -317,10 +338,11 @@ def test_a_request_out_of_time_gets_504(tiny_checkpoint: str, tmp_path: Path) ->
         s.stop()
 
 
-def test_missing_extra_and_a_taken_port_are_usage_errors(
+def test_a_missing_extra_and_bad_serve_options_are_usage_errors(
     tiny_checkpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Both are said in one line, before the model loads (exit 2, no traceback)."""
+    """A missing server extra, a taken port, a port past 65535 and an origin that is not one: each is said
+    in one line, before the model loads (exit 2, no traceback)."""
     from chatterbox_cli.cli import run
 
     args = ["serve", "--model", tiny_checkpoint, "--device", "cpu"]
@@ -337,3 +359,6 @@ def test_missing_extra_and_a_taken_port_are_usage_errors(
     assert run([*args, "--port", "99999"]) == 2  # socket.bind would raise OverflowError
     err = capsys.readouterr().err
     assert "less than or equal to 65535" in err and "Traceback" not in err
+    assert run([*args, "--port", str(free_port()), "--allow-origin", "localhost:3000"]) == 2
+    err = capsys.readouterr().err
+    assert "'localhost:3000' is not an origin; give scheme://host[:port]" in err and "Traceback" not in err

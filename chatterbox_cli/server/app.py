@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 import hmac
 import json
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -67,8 +69,29 @@ def model_id(engine: Engine) -> str:
     return {"english": "chatterbox"}.get(engine.variant.name, f"chatterbox-{engine.variant.name}")
 
 
-def create_app(engine: Engine, limits: Limits, api_key: str | None = None) -> FastAPI:
+def check_origins(origins: Sequence[str]) -> list[str]:
+    """The web origins allowed to call the API from a browser (CORS): `*`, or scheme://host[:port] each,
+    as browsers send them; anything else is a UsageError, since it would never match."""
+    for origin in origins:
+        if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+            raise UsageError(
+                f"--allow-origin {origin!r} is not an origin; give scheme://host[:port] as a browser sends "
+                "it (http://localhost:3000, no path), or * for any"
+            )
+    return list(origins)
+
+
+def create_app(
+    engine: Engine, limits: Limits, api_key: str | None = None, allow_origins: Sequence[str] = ()
+) -> FastAPI:
     app = FastAPI(title="chatterbox-cli", docs_url=None, redoc_url=None, openapi_url=None)
+    if allow_origins:  # browsers then let pages from these origins call the API, preflight included
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=check_origins(allow_origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     in_flight = 0
     started = int(time.time())
 

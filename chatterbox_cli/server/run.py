@@ -7,7 +7,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from chatterbox_cli.errors import UsageError
 from chatterbox_cli.pipeline import SynthesisSettings
@@ -37,18 +37,20 @@ def serve(
     host: str,
     port: int,
     api_key: str | None,
+    allow_origins: Sequence[str] = (),
     notify: Callable[[str], None],
 ) -> None:
     try:
         import uvicorn
 
-        from chatterbox_cli.server.app import create_app
+        from chatterbox_cli.server.app import check_origins, create_app
     except ImportError as e:
         raise UsageError(
             f"chatterbox serve needs the server extra ({e.name or e} is missing): "
             "pip install 'chatterbox-cli[server]'"
         ) from e
     check_port(host, port)
+    check_origins(allow_origins)
     holder = ModelHolder(request, notify)
     engine = Engine(holder)
     if engine.builtin is not None:
@@ -60,7 +62,7 @@ def serve(
     engine_log.addHandler(handler)
     engine_log.setLevel(logging.INFO)
     engine.start()
-    app = create_app(engine, limits, api_key)
+    app = create_app(engine, limits, api_key, allow_origins)
     config = uvicorn.Config(
         app,
         host=host,
