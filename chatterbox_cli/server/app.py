@@ -34,6 +34,15 @@ from chatterbox_cli.server.limits import Limits
 OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 
 
+# OpenAI's fields this server has no use for, and why (a request with one is refused, not half-served)
+UNSERVED = {
+    "instructions": "instructions (gpt-4o-mini-tts's spoken style) has no counterpart in Chatterbox; leave "
+    "it out, and steer the delivery with exaggeration and cfg_weight",
+    "stream_format": "stream_format 'sse' is not served here; leave it out for the audio itself, streamed as "
+    "it is made",
+}
+
+
 class SpeechBody(BaseModel):
     """OpenAI's /v1/audio/speech body, and Chatterbox's extras."""
 
@@ -207,7 +216,7 @@ async def read_body(request: Request, limit: int) -> SpeechBody:
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, f"{param}: {first['msg']}", param=param) from e
+        raise ApiError(400, UNSERVED.get(param or "", f"{param}: {first['msg']}"), param=param) from e
 
 
 def prepare(engine: Engine, limits: Limits, body: SpeechBody) -> tuple[formats.AudioFormat, Speech, Any]:
