@@ -199,7 +199,7 @@ def test_concurrent_requests_decode_together_and_keep_their_audio(server: Server
         ({"temperature": -1}, 400, "temperature"),
         ({"unknown_field": 1}, 400, "unknown_field"),
         ({"instructions": "Speak softly."}, 400, "no counterpart in Chatterbox"),
-        ({"stream_format": "sse"}, 400, "'sse' is not served here"),
+        ({"stream_format": "sse"}, 400, "only 'audio' is served here"),
     ],
 )
 def test_bad_requests_get_openai_errors(

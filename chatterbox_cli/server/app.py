@@ -38,8 +38,8 @@ OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 UNSERVED = {
     "instructions": "instructions (gpt-4o-mini-tts's spoken style) has no counterpart in Chatterbox; leave "
     "it out, and steer the delivery with exaggeration and cfg_weight",
-    "stream_format": "stream_format 'sse' is not served here; leave it out for the audio itself, streamed as "
-    "it is made",
+    "stream_format": "stream_format: only 'audio' is served here (the audio itself, streamed as it is made, "
+    "not sse events); leave it out",
 }
 
 
