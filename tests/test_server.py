@@ -4,7 +4,9 @@ concurrent requests, limits, bad input, authentication, a client leaving mid-str
 
 from __future__ import annotations
 
+import base64
 import io
+import json
 import re
 import signal
 import socket
@@ -199,7 +201,7 @@ def test_concurrent_requests_decode_together_and_keep_their_audio(server: Server
         ({"temperature": -1}, 400, "temperature"),
         ({"unknown_field": 1}, 400, "unknown_field"),
         ({"instructions": "Speak softly."}, 400, "no counterpart in Chatterbox"),
-        ({"stream_format": "sse"}, 400, "only 'audio' is served here"),
+        ({"stream_format": "events"}, 400, "stream_format"),
     ],
 )
 def test_bad_requests_get_openai_errors(
@@ -228,6 +230,36 @@ def test_a_wrong_or_missing_key_is_refused(server: Server) -> None:
         server.url + "/v1/audio/speech", json={"model": "tts-1", "voice": "alloy", "input": "Hi."}
     )
     assert bare.status_code == 401 and bare.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_sse_events_carry_the_plain_streams_audio_and_the_usage(
+    server: Server, client: openai.OpenAI
+) -> None:
+    """stream_format "sse" through the openai client: speech.audio.delta events whose base64 audio joins
+    into the same bytes as the plain stream's for the same seed, then one speech.audio.done with the
+    usage. S3Gen makes 960 samples per speech token and a one-chunk input has no pause, so the pcm (2 bytes
+    a sample) is exactly output_tokens * 960 * 2 bytes."""
+    plain = speak(server, response_format="pcm", seed=7)
+    assert plain.status_code == 200
+    with client.audio.speech.with_streaming_response.create(
+        model="gpt-4o-mini-tts",
+        voice="alloy",
+        input=TWO,
+        response_format="pcm",
+        stream_format="sse",
+        extra_body={"seed": 7},
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: ")]
+    *deltas, done = events
+    assert deltas and {e["type"] for e in deltas} == {"speech.audio.delta"}
+    audio = b"".join(base64.b64decode(e["audio"]) for e in deltas)
+    assert audio == plain.content
+    assert done["type"] == "speech.audio.done"
+    usage = done["usage"]
+    assert usage["input_tokens"] > 0 and usage["output_tokens"] > 0
+    assert usage["total_tokens"] == usage["input_tokens"] + usage["output_tokens"]
+    assert len(audio) == usage["output_tokens"] * 960 * 2
 
 
 def test_web_pages_from_the_allowed_origin_only_may_call_the_api(server: Server) -> None:

@@ -3,12 +3,14 @@
 Audio streams out as it is made (chunked transfer): the response starts with the first piece of audio
 (the first chunk's early piece on a GPU), so its status is known before any byte is sent: a request that
 fails before then gets an OpenAI-style JSON error with its status code. Errors are
-{"error": {"message", "type", "param", "code"}}.
+{"error": {"message", "type", "param", "code"}}. With stream_format "sse" the same bytes come as OpenAI's
+server-sent events: speech.audio.delta (base64), then one speech.audio.done with the usage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import json
@@ -38,8 +40,6 @@ OPENAI_MODELS = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
 UNSERVED = {
     "instructions": "instructions (gpt-4o-mini-tts's spoken style) has no counterpart in Chatterbox; leave "
     "it out, and steer the delivery with exaggeration and cfg_weight",
-    "stream_format": "stream_format: only 'audio' is served here (the audio itself, streamed as it is made, "
-    "not sse events); leave it out",
 }
 
 
@@ -53,7 +53,7 @@ class SpeechBody(BaseModel):
     voice: str
     response_format: Literal["wav", "mp3", "flac", "opus", "pcm"] = "mp3"  # OpenAI's default
     speed: float = Field(1.0, ge=0.25, le=4.0)
-    stream_format: Literal["audio"] = "audio"
+    stream_format: Literal["audio", "sse"] = "audio"
     language: str | None = None
     exaggeration: float | None = None
     cfg_weight: float | None = None
@@ -176,6 +176,9 @@ def create_app(
                 speech.cancelled = True
             raise
 
+        sse = body.stream_format == "sse"
+        frame = audio_event if sse else bytes
+
         async def stream() -> AsyncIterator[bytes]:
             nonlocal in_flight
             encoder = formats.ChunkEncoder(fmt, SAMPLE_RATE)
@@ -184,20 +187,39 @@ def create_app(
                 while piece is not None:
                     data = encoder.write(piece)
                     if data:
-                        yield data
+                        yield frame(data)
                     piece = await next_piece(queue, deadline, speech)
                 tail = encoder.close()
                 if tail:
-                    yield tail
+                    yield frame(tail)
+                if sse:
+                    yield event("speech.audio.done", usage=usage(engine, speech))
             except ApiError:
-                pass  # the status went out with the first piece: the stream ends short
+                pass  # the status went out with the first piece: the stream ends short (sse: no "done")
             finally:
                 speech.cancelled = True  # a client gone mid-stream frees its place in the rounds
                 in_flight -= 1
 
-        return StreamingResponse(stream(), media_type=fmt.media_type)
+        return StreamingResponse(stream(), media_type="text/event-stream" if sse else fmt.media_type)
 
     return app
+
+
+def event(kind: str, **fields: object) -> bytes:
+    """One server-sent event of OpenAI's speech stream (stream_format "sse")."""
+    return b"data: " + json.dumps({"type": kind, **fields}).encode() + b"\n\n"
+
+
+def audio_event(data: bytes) -> bytes:
+    return event("speech.audio.delta", audio=base64.b64encode(data).decode("ascii"))
+
+
+def usage(engine: Engine, speech: Speech) -> dict[str, int]:
+    """OpenAI's usage of a finished request: the text tokens read and the speech tokens made."""
+    tokenizer = engine.tokenizer.for_language(speech.settings.language)
+    read = sum(len(tokenizer.encode(tokenizer.normalize(chunk))) for chunk in speech.chunks)
+    made = speech.speech_tokens
+    return {"input_tokens": read, "output_tokens": made, "total_tokens": read + made}
 
 
 async def read_body(request: Request, limit: int) -> SpeechBody:
