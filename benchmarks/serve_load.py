@@ -23,12 +23,14 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import shlex
 import socket
 import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from pathlib import Path
@@ -99,6 +101,8 @@ async def client_loops(base: str, ids: range, requests: int, barrier: Barrier) -
             barrier.abort()
             return {"error": f"{len(failed)} warm-up requests failed, first: {failed[0]}"}
         barrier.wait(600)
+        # the first measured round's number (a round starts 20 ms after requests stop arriving at the soonest)
+        first_round = (await http.get(base + "/health")).json()["rounds"] + 1 if ids.start == 0 else None
 
         async def loop(c: int) -> list[dict[str, object]]:
             return [await one_request(http, url, c, i) for i in range(requests)]
@@ -106,7 +110,8 @@ async def client_loops(base: str, ids: range, requests: int, barrier: Barrier) -
         cpu, started = time.process_time(), time.perf_counter()
         results = [r for rs in await asyncio.gather(*(loop(c) for c in ids)) for r in rs]
         ended = time.perf_counter()
-    return {"results": results, "started": started, "ended": ended, "cpu_s": time.process_time() - cpu}
+    cpu = time.process_time() - cpu
+    return {"results": results, "started": started, "ended": ended, "cpu_s": cpu, "first_round": first_round}
 
 
 def client_process(base: str, ids: range, requests: int, barrier: Barrier, out: Queue) -> None:
@@ -117,7 +122,25 @@ def client_process(base: str, ids: range, requests: int, barrier: Barrier, out: 
         out.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def level(base: str, clients: int, requests: int, per_process: int) -> dict[str, object]:
+ROUND = re.compile(
+    r"round (\d+): (\d+) requests \((\d+) starting, gathered for ([0-9.]+) s\), first audio after ([0-9.]+) s"
+)
+
+
+def rounds_summary(log: Path, first: int) -> dict[str, object]:
+    """The server's measured rounds from its log (one line per round, server/engine.py): how many requests
+    each had, the longest gather, and the first audio of rounds with starting requests."""
+    rounds = [m for m in ROUND.finditer(log.read_text()) if int(m[1]) >= first]
+    starting = [float(m[5]) for m in rounds if int(m[3]) > 0]
+    return {
+        "rounds": len(rounds),
+        "requests_per_round": dict(sorted(Counter(int(m[2]) for m in rounds).items())),
+        "gathered_max_s": max((float(m[4]) for m in rounds), default=None),
+        "starting_first_audio_p50_s": percentile(starting, 0.5),
+    }
+
+
+def level(base: str, clients: int, requests: int, per_process: int, log: Path) -> dict[str, object]:
     """`clients` closed-loop clients in processes of `per_process` each, as independent apps are: one
     Python process's HTTP work for 32 clients (about 2.5 ms of CPU a request with httpx) spreads their
     requests over tens of milliseconds and delays reading their audio, which is the client's cost, not the
@@ -138,6 +161,8 @@ def level(base: str, clients: int, requests: int, per_process: int) -> dict[str,
     results = [r for p in parts for r in p["results"]]  # type: ignore[attr-defined]
     wall = max(float(p["ended"]) for p in parts) - min(float(p["started"]) for p in parts)  # type: ignore[arg-type]
     health = httpx.get(base + "/health").json()
+    time.sleep(0.1)  # the last round's log line follows its last delivery
+    first_round = next(int(p["first_round"]) for p in parts if p["first_round"] is not None)
     good = [r for r in results if "error" not in r]
     ttfb = [float(r["ttfb_s"]) for r in good if r["ttfb_s"] is not None]
     audio = sum(float(r["audio_s"]) for r in good)
@@ -156,6 +181,7 @@ def level(base: str, clients: int, requests: int, per_process: int) -> dict[str,
         "busiest_client_cpu_share": round(max(float(p["cpu_s"]) for p in parts) / wall, 3),  # type: ignore[arg-type]
         "largest_group": health["largest_group"],
         "preset": health["preset"],
+        "server_rounds": rounds_summary(log, first_round),
     }
 
 
@@ -193,7 +219,7 @@ def run(args: argparse.Namespace, checkpoint: Path) -> dict[str, object]:
             sampler.start()
         levels = []
         for clients in args.clients:
-            result = level(base, clients, args.requests, args.clients_per_process)
+            result = level(base, clients, args.requests, args.clients_per_process, Path(args.log))
             print(json.dumps(result), file=sys.stderr)
             levels.append(result)
         return {
