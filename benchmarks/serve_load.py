@@ -5,8 +5,8 @@ closed loop, `--requests` each, after one unmeasured request each to warm up), s
 clients run in processes of `--clients-per-process`, as independent apps do. Per request it records the
 time to the first byte of audio and the audio's length. Reports p50/p95 time to first byte, aggregate
 seconds of audio per second of wall time, the busiest client process's CPU share, the server's largest
-decoding group, its measured rounds (from its log) and its peak NVML memory. With `--free N` a holder process first leaves N GiB free on the
-GPU (testing/gpu_holder.py).
+decoding group, its measured rounds (from its log) and its peak NVML memory. With `--free N` a holder
+process first leaves N GiB free on the GPU (testing/gpu_holder.py).
 
 Random weights never choose the stop token, so each request's chunk decodes `--max-tokens` speech tokens:
 150 (6 s of audio) stands for the length of two spoken sentences.
