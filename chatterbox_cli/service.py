@@ -221,6 +221,12 @@ def decide(request: LoadRequest, checkpoint: Checkpoint | None = None) -> Decisi
     if device.type == "cpu":
         why = "--device cpu" if request.device == "cpu" else "no usable GPU"
         if not forced:
+            if request.plan:  # it would change nothing: the CPU's default is the checkpoint's own fp32
+                raise UsageError(
+                    f"--plan changes a preset's components, and on the CPU ({why}) none is chosen: it "
+                    "runs the checkpoint's fp32. Name the preset to change: "
+                    f"--preset bnb-4bit --plan {request.plan}"
+                )
             return Decision(
                 device, CPU_PRESET, torch.float32, f"{why}: running on the CPU ({CPU_PRESET})", None, None
             )

@@ -322,6 +322,16 @@ def test_binary_input_file(synth: Callable[..., tuple[int, str, str]], tmp_path:
     assert code == 2 and "does not exist" in stderr
 
 
+def test_a_plan_on_the_cpu_needs_a_preset(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
+    """The CPU runs the checkpoint's fp32 unless a preset is named: a --plan alone would change nothing, so
+    it is refused (it was once dropped without a word); with the preset it runs that preset's plan."""
+    code, _, stderr = synth("Hello.", "--plan", "t3=nf4", "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and "Name the preset to change: --preset bnb-4bit --plan t3=nf4" in stderr
+    for plan, flow_quantized in ((), True), (("--plan", "flow=16bit"), False):  # bnb-4bit's flow is int8
+        code, out, _ = synth("Hello.", "--preset", "bnb-4bit", *plan, "-o", str(tmp_path / "y.wav"), "--json")
+        assert code == 0 and ("flow" in json.loads(out)["quant_cache"]) is flow_quantized
+
+
 def test_a_folder_given_as_the_voice(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
     code, _, stderr = synth("Hello.", "--voice", str(tmp_path), "-o", str(tmp_path / "x.wav"))
     assert code == 2 and f"{tmp_path} is a folder; give an audio clip or a .voice file to --voice" in stderr
