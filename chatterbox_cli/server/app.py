@@ -94,10 +94,10 @@ def create_app(
     engine: Engine, limits: Limits, api_key: str | None = None, allow_origins: Sequence[str] = ()
 ) -> FastAPI:
     app = FastAPI(title="chatterbox-cli", docs_url=None, redoc_url=None, openapi_url=None)
-    if allow_origins:  # browsers then let pages from these origins call the API, preflight included
+    if allow_origins:  # (checked: check_origins) browsers let pages from these call the API, preflight too
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=check_origins(allow_origins),
+            allow_origins=list(allow_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type"],
         )

@@ -50,7 +50,7 @@ def serve(
             "pip install 'chatterbox-cli[server]'"
         ) from e
     check_port(host, port)
-    check_origins(allow_origins)
+    origins = check_origins(allow_origins)  # before minutes go into loading the model
     holder = ModelHolder(request, notify)
     engine = Engine(holder)
     if engine.builtin is not None:
@@ -62,7 +62,7 @@ def serve(
     engine_log.addHandler(handler)
     engine_log.setLevel(logging.INFO)
     engine.start()
-    app = create_app(engine, limits, api_key, allow_origins)
+    app = create_app(engine, limits, api_key, origins)
     config = uvicorn.Config(
         app,
         host=host,
