@@ -57,6 +57,11 @@ def _end_a_round_of_two(engine: Engine, finished: threading.Semaphore) -> None:
     assert engine.rounds == 1 and engine.largest_group == 2
 
 
+def _gathered(log: str) -> list[float]:
+    """How long each round gathered, from the engine's round log lines."""
+    return [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", log)]
+
+
 def test_requests_arriving_together_start_one_round(tiny_checkpoint: str) -> None:
     """A request arrives at an idle engine, two more 50 ms later: with a quiet window of 0.5 s they all
     start in the first round. Without the wait, the worker, woken by the first request, would have
@@ -119,7 +124,7 @@ def test_a_request_long_after_a_round_ended_waits_only_for_quiet(
         time.sleep(1.5)
         engine.submit(_speech(engine, 2, finished))
         assert finished.acquire(timeout=120)
-    gathered = [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", caplog.text)]
+    gathered = _gathered(caplog.text)
     assert len(gathered) == 2 and gathered[1] < 0.5
 
 
@@ -136,6 +141,6 @@ def test_a_round_that_goes_on_with_waiting_chunks_does_not_wait_for_quiet(
         speech.chunks = ["The first chunk of the request.", "And its second chunk."]
         engine.submit(speech)
         assert finished.acquire(timeout=120)
-    gathered = [float(m) for m in re.findall(r"gathered for ([0-9.]+) s", caplog.text)]
+    gathered = _gathered(caplog.text)
     assert len(gathered) == 2 and engine.rounds == 2
     assert gathered[0] >= 0.9 and gathered[1] < 0.5
