@@ -39,6 +39,7 @@ for step in "$@"; do
     profile) py benchmarks/decode_profile.py --folder /tmp/ck-variants ${PROFILE_ARGS:-} > "$OUT/decode_profile.json" 2> >(tee "$OUT/decode_profile.log" >&2) ;;
     eval) py -m chatterbox_cli eval --model ${EVAL_MODEL:-$CK} --preset ${EVAL_PRESETS:-all} --against fp16 ${EVAL_ARGS:-} --json > "$OUT/eval${EVAL_TAG:-}.json" 2> >(tee "$OUT/eval${EVAL_TAG:-}.log" >&2) ;;
     serve) py benchmarks/serve_load.py --checkpoint $CK ${SERVE_ARGS:-} --log "$OUT/serve${SERVE_TAG:-}.server.log" > "$OUT/serve_load${SERVE_TAG:-}.json" 2> >(tee "$OUT/serve_load${SERVE_TAG:-}.log" >&2) ;;
+    determinism) py benchmarks/determinism.py --checkpoint $CK ${DET_ARGS:-} > "$OUT/determinism.json" 2> >(tee "$OUT/determinism.log" >&2) ;;
     round) py benchmarks/round_profile.py --checkpoint $CK ${ROUND_ARGS:-} > "$OUT/round${ROUND_TAG:-}.json" 2> >(tee "$OUT/round${ROUND_TAG:-}.log" >&2) ;;
     flowgraph) py benchmarks/flow_graph.py --checkpoint $CK ${FLOWGRAPH_ARGS:-} > "$OUT/flow_graph.json" 2> >(tee "$OUT/flow_graph.log" >&2) ;;
     ray-part) mkdir -p /tmp/rayparts && cp .gpu/ray1/part-* /tmp/rayparts/ && ls -la /tmp/rayparts ;;
