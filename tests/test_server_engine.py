@@ -96,6 +96,24 @@ def test_after_a_round_that_ended_requests_the_next_waits_for_as_many(tiny_check
     assert engine.rounds == 2
 
 
+def test_when_as_many_came_back_as_ended_the_round_starts_without_the_quiet_window(
+    tiny_checkpoint: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two requests share a round and end; their clients' next two arrive together. With as many waiting
+    as the round ended, the second round starts at once instead of after the quiet window (2 s): waiting it
+    would log at least 2 s; 1 s leaves room for a slow machine's thread wake-ups."""
+    caplog.set_level(logging.INFO, logger="chatterbox.server")
+    finished = threading.Semaphore(0)
+    with _running(tiny_checkpoint, gather_quiet_s=2.0, return_gap_s=5.0, gather_max_s=10.0) as engine:
+        _end_a_round_of_two(engine, finished)
+        engine.submit(_speech(engine, 2, finished))
+        engine.submit(_speech(engine, 3, finished))
+        for _ in range(2):
+            assert finished.acquire(timeout=120)
+    gathered = _gathered(caplog.text)
+    assert len(gathered) == 2 and engine.rounds == 2 and gathered[1] < 1.0
+
+
 def test_a_client_that_does_not_come_back_delays_the_next_round_by_the_return_gap_only(
     tiny_checkpoint: str,
 ) -> None:

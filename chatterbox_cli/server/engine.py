@@ -55,10 +55,10 @@ BUILTIN = ("default", "builtin")
 # How long the worker waits for more requests before it starts a round: until none has arrived for
 # GATHER_QUIET_S, and no longer than GATHER_MAX_S. After a round that ended K requests, while fewer than K
 # wait, it waits on as long as requests keep coming (RETURN_GAP_S apart at most, the first within
-# RETURN_GAP_S of the round's end). A lone request pays GATHER_QUIET_S once. 32 closed-loop clients' next
-# requests reached the server over 0.15 s and more, a few ms apart (H100, benchmarks/serve_load.py with
-# all clients in one process): with the quiet gap alone they were once split 5 + 27, with a 0.15 s cap
-# 21 + 11, and each part of a split waits for the other's rounds.
+# RETURN_GAP_S of the round's end), and starts as soon as K wait. A lone request pays GATHER_QUIET_S once.
+# 32 closed-loop clients' next requests reached the server over 0.15 s and more, a few ms apart (H100,
+# benchmarks/serve_load.py with all clients in one process): with the quiet gap alone they were once split
+# 5 + 27, with a 0.15 s cap 21 + 11, and each part of a split waits for the other's rounds.
 GATHER_QUIET_S = 0.02
 RETURN_GAP_S = 0.1
 GATHER_MAX_S = 0.5
@@ -204,6 +204,8 @@ class Engine:
         while not self._stopping:
             if len(self._queue) < self._returning:  # the gap counts from the round's end at the earliest
                 until = max(self._last_arrival, start) + self.return_gap_s
+            elif self._returning:  # as many wait as the last round ended: no quiet window to wait out
+                break
             else:
                 until = self._last_arrival + self.gather_quiet_s
             wait = min(start + self.gather_max_s, until) - time.perf_counter()
