@@ -3,10 +3,11 @@
 # Usage on the GPU machine: bash benchmarks/gpu_session.sh probe tests speed memory caps first small variants serve
 # Wheels travel in .wheels/ (ours: bitsandbytes, soundfile, cffi, pycparser, soxr, nvidia-ml-py, typer and
 # rich with their pure-Python dependencies; pyloudnorm and future for the Turbo tests; for `serve`: fastapi
-# 0.115 (later ones import opentelemetry), starlette 0.46, uvicorn, h11, anyio, sniffio, idna, httpx, httpcore,
-# certifi; for the server tests' official client: openai, jiter, httpx2, httpcore2, truststore; pydantic 2.13 with pydantic-core, annotated-types, typing-inspection and, for typer 0.29,
-# annotated-doc: the machine has no pydantic; installed without dependencies, so a wheel a later version
-# needs must come too) and .refwheels/
+# 0.115 (later ones import opentelemetry), starlette 0.46, uvicorn, h11, anyio, sniffio, idna, httpx,
+# httpcore, certifi; for the server tests' official client: openai, jiter, httpx2, httpcore2, truststore;
+# pydantic 2.13 with pydantic-core, annotated-types, typing-inspection and, for typer 0.29, annotated-doc: the
+# machine has no pydantic; installed without dependencies, so a wheel a later version needs must come too) and
+# .refwheels/
 # (the reference chatterbox-tts 0.1.7 and its pure-Python deps). Results land in $RESULTS (/tmp/results),
 # and after every step all of them in one file, $OUT/results.tar: the device tool brings back at most 8
 # files, and a step that a call's time limit cuts off loses only its own.
