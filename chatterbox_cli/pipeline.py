@@ -8,6 +8,7 @@ an interruption or an out-of-memory step-down) produces the same audio for k, k+
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -106,12 +107,14 @@ class SynthesisSettings:
             object.__setattr__(self, "language", find_language(self.language).code)  # "FR" -> "fr"
         if not 0.0 <= given(self.exaggeration, 0.5) <= 10.0:
             raise UsageError(
-                f"--exaggeration must be between 0 and 10 (0.5 is neutral), got {self.exaggeration}"
+                f"exaggeration must be between 0 and 10 (0.5 is neutral), got {self.exaggeration}"
             )
-        if not given(self.cfg_weight, 0.0) >= 0.0:
-            raise UsageError(f"--cfg-weight must be >= 0 (0 turns guidance off), got {self.cfg_weight}")
+        if not 0.0 <= given(self.cfg_weight, 0.0) < math.inf:
+            raise UsageError(
+                f"cfg_weight must be a finite number >= 0 (0 turns guidance off), got {self.cfg_weight}"
+            )
         if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
-            raise UsageError(f"--seed must be between 0 and {MAX_SEED}, got {self.seed}")
+            raise UsageError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if not 1 <= given(self.flow_steps, 1) <= 100:
             raise UsageError(
                 f"--flow-steps must be between 1 and 100 (the model's default: 10, Turbo 2), got "

@@ -31,7 +31,16 @@ def test_defaults_are_the_reference_defaults() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"temperature": -0.1}, {"min_p": 1.5}, {"top_p": 0.0}, {"top_p": 1.1}, {"repetition_penalty": 0.0}],
+    [
+        {"temperature": -0.1},
+        {"temperature": math.inf},  # logits / inf: NaN where a token is masked to -inf
+        {"temperature": math.nan},
+        {"min_p": 1.5},
+        {"top_p": 0.0},
+        {"top_p": 1.1},
+        {"repetition_penalty": 0.0},
+        {"repetition_penalty": math.inf},
+    ],
 )
 def test_invalid_settings_are_usage_errors(kwargs: dict) -> None:
     with pytest.raises(UsageError):

@@ -199,6 +199,7 @@ def test_concurrent_requests_decode_together_and_keep_their_audio(server: Server
         ({"model": "whisper-1"}, 404, "not served here"),
         ({"language": "fr"}, 400, "not one the english model speaks"),
         ({"temperature": -1}, 400, "temperature"),
+        ({"seed": -5}, 400, "seed must be between 0 and"),
         ({"unknown_field": 1}, 400, "unknown_field"),
         ({"instructions": "Speak softly."}, 400, "no counterpart in Chatterbox"),
         ({"stream_format": "events"}, 400, "stream_format"),
@@ -220,6 +221,16 @@ def test_body_limit_and_bad_json(server: Server) -> None:
     assert big.status_code == 413 and "at most 2000" in big.json()["error"]["message"]
     bad = httpx.post(url, content=b"{not json", headers=headers)
     assert bad.status_code == 400 and "not JSON" in bad.json()["error"]["message"]
+    listed = httpx.post(url, content=b"[1, 2]", headers=headers)
+    assert listed.status_code == 400 and "must be a JSON object" in listed.json()["error"]["message"]
+
+
+def test_a_number_too_large_for_a_float_is_refused(server: Server) -> None:
+    """1e999 is valid JSON; Python reads it as infinity, which would turn guidance's logits into NaN."""
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    body = '{"model": "tts-1", "voice": "alloy", "input": "Hi.", "cfg_weight": 1e999}'
+    response = httpx.post(server.url + "/v1/audio/speech", content=body, headers=headers)
+    assert response.status_code == 400 and "cfg_weight must be a finite number" in response.text
 
 
 def test_a_wrong_or_missing_key_is_refused(server: Server) -> None:

@@ -365,6 +365,8 @@ def test_disk_full(synth: Callable[..., tuple[int, str, str]]) -> None:
         (("Hi.", "-o", "x.wav", "--split", "lines"), "--split needs --output-dir"),
         (("Hi.", "-o", "x.wav", "--save-voice", "v.wav"), "ending in .voice"),
         (("Hi.", "-o", "x.wav", "--temperature", "-1"), "temperature"),
+        (("Hi.", "-o", "x.wav", "--temperature", "inf"), "temperature must be a finite number"),
+        (("Hi.", "-o", "x.wav", "--cfg-weight", "inf"), "cfg_weight must be a finite number"),
         (("Hi.", "-o", "x.wav", "--split", "words"), "Invalid value"),
         (("Hi.", "-o", "x.wav", "--batch", "0"), "--batch must be auto or a whole number >= 1"),
         (("Hi.", "-o", "x.wav", "--batch", "many"), "--batch must be auto or a whole number >= 1"),

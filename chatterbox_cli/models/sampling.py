@@ -6,6 +6,7 @@ decode step that uses them can be captured in a CUDA graph. Logits are [rows, vo
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,14 +33,16 @@ class SamplingSettings:
     penalty_last: bool = False
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0.0:
-            raise UsageError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0.0 <= self.temperature < math.inf:
+            raise UsageError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
         if not 0.0 <= self.min_p <= 1.0:
             raise UsageError(f"min_p must be between 0 and 1, got {self.min_p}")
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0.0:
-            raise UsageError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise UsageError(
+                f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}"
+            )
         if self.top_k < 0:
             raise UsageError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
 

@@ -238,7 +238,10 @@ async def read_body(request: Request, limit: int) -> SpeechBody:
     except ValidationError as e:
         first = e.errors()[0]
         param = ".".join(str(p) for p in first["loc"]) or None
-        raise ApiError(400, UNSERVED.get(param or "", f"{param}: {first['msg']}"), param=param) from e
+        if param is None:  # the body as a whole: a list, a string, a number
+            message = f"the body must be a JSON object of the request's fields ({first['msg']})"
+            raise ApiError(400, message) from e
+        raise ApiError(400, UNSERVED.get(param, f"{param}: {first['msg']}"), param=param) from e
 
 
 def prepare(engine: Engine, limits: Limits, body: SpeechBody) -> tuple[formats.AudioFormat, Speech, Any]:
