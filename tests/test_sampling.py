@@ -33,7 +33,7 @@ def test_defaults_are_the_reference_defaults() -> None:
     "kwargs",
     [
         {"temperature": -0.1},
-        {"temperature": math.inf},  # logits / inf: NaN where a token is masked to -inf
+        {"temperature": math.inf},  # logits / inf: every token alike, NaN where one is masked to -inf
         {"temperature": math.nan},
         {"min_p": 1.5},
         {"top_p": 0.0},

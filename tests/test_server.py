@@ -226,7 +226,7 @@ def test_body_limit_and_bad_json(server: Server) -> None:
 
 
 def test_a_number_too_large_for_a_float_is_refused(server: Server) -> None:
-    """1e999 is valid JSON; Python reads it as infinity, which would turn guidance's logits into NaN."""
+    """1e999 is valid JSON; Python reads it as infinity, which would make guidance's logits meaningless."""
     headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
     body = '{"model": "tts-1", "voice": "alloy", "input": "Hi.", "cfg_weight": 1e999}'
     response = httpx.post(server.url + "/v1/audio/speech", content=body, headers=headers)
