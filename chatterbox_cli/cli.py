@@ -817,13 +817,22 @@ def serve(
         ),
     ] = None,
     max_batch: Annotated[
-        int, typer.Option(help="Chunks of concurrent requests decoded together; 0: as many as memory allows.")
+        int,
+        typer.Option(
+            min=0, help="Chunks of concurrent requests decoded together; 0: as many as memory allows."
+        ),
     ] = 0,
-    max_tokens: Annotated[int, typer.Option(help="Speech tokens per chunk at most (25 per second).")] = 1000,
-    max_input_chars: Annotated[int, typer.Option(help="Longest `input` accepted.")] = 4096,
-    max_concurrent: Annotated[int, typer.Option(help="Requests in flight at once; more get 429.")] = 64,
-    timeout: Annotated[float, typer.Option(help="Seconds a request may take, queue included.")] = 300.0,
-    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 65536,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, help="Speech tokens per chunk at most (25 per second).")
+    ] = 1000,
+    max_input_chars: Annotated[int, typer.Option(min=1, help="Longest `input` accepted.")] = 4096,
+    max_concurrent: Annotated[
+        int, typer.Option(min=1, help="Requests in flight at once; more get 429.")
+    ] = 64,
+    timeout: Annotated[
+        float, typer.Option(min=0.001, max=86400.0, help="Seconds a request may take, queue included.")
+    ] = 300.0,
+    max_body: Annotated[int, typer.Option(min=1, help="Largest request body in bytes.")] = 65536,
     offline: Annotated[bool, typer.Option("--offline", help="Never download the checkpoint.")] = False,
 ) -> None:
     """An OpenAI-compatible speech server: POST /v1/audio/speech, GET /v1/models, GET /health.
@@ -834,8 +843,6 @@ def serve(
     from chatterbox_cli.server.run import serve as run_server
     from chatterbox_cli.service import LoadRequest
 
-    if min(max_input_chars, max_concurrent, max_body, max_tokens) < 1 or timeout <= 0 or max_batch < 0:
-        raise UsageError("the limits must be positive (--max-batch 0 means as many as memory allows)")
     request = LoadRequest(
         model=model,
         revision=revision,

@@ -386,8 +386,8 @@ def test_a_request_out_of_time_gets_504(tiny_checkpoint: str, tmp_path: Path) ->
 def test_a_missing_extra_and_bad_serve_options_are_usage_errors(
     tiny_checkpoint: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A missing server extra, a taken port, a port past 65535 and an origin that is not one: each is said
-    in one line, before the model loads (exit 2, no traceback)."""
+    """A missing server extra, a taken port, a port past 65535, an origin that is not one and limits out of
+    range: each is said in one line, before the model loads (exit 2, no traceback)."""
     from chatterbox_cli.cli import run
 
     args = ["serve", "--model", tiny_checkpoint, "--device", "cpu"]
@@ -407,3 +407,7 @@ def test_a_missing_extra_and_bad_serve_options_are_usage_errors(
     assert run([*args, "--port", str(free_port()), "--allow-origin", "localhost:3000"]) == 2
     err = capsys.readouterr().err
     assert "'localhost:3000' is not an origin; give scheme://host[:port]" in err and "Traceback" not in err
+    for option, value in (("--max-concurrent", "0"), ("--timeout", "0"), ("--max-batch", "-1")):
+        assert run([*args, "--port", str(free_port()), option, value]) == 2
+        err = capsys.readouterr().err
+        assert f"Invalid value for '{option}'" in err and "Traceback" not in err
