@@ -91,6 +91,13 @@ def get_format(name: str) -> AudioFormat:
         raise UsageError(f"unknown audio format {name!r}; choose one of {', '.join(FORMATS)}") from None
 
 
+# Audio extensions of formats not written here: an -o ending in one, with no --format, is refused rather
+# than filled with WAV bytes.
+OTHER_AUDIO_EXTENSIONS = frozenset(
+    ".aac .ac3 .aif .aiff .amr .caf .m4a .m4b .mka .mp2 .mp4 .oga .ogg .wma .webm".split()  # noqa: SIM905
+)
+
+
 def format_for_path(path: str | os.PathLike[str]) -> AudioFormat | None:
     """The format a file name's extension names (out.mp3: mp3), or None."""
     extension = os.path.splitext(os.fspath(path))[1].lower()

@@ -33,6 +33,7 @@ from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, 
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
 from chatterbox_cli.formats import (
     FORMATS,
+    OTHER_AUDIO_EXTENSIONS,
     AudioFormat,
     check_encoder,
     format_for_path,
@@ -204,6 +205,13 @@ def output_format(job: SynthesizeJob) -> AudioFormat:
     """--format, else the format -o's extension names, else WAV; checked against -o and --subtype."""
     named = format_for_path(job.output) if job.output not in (None, "-") else None
     if job.audio_format is None:
+        extension = Path(job.output or "").suffix.lower()
+        if extension in OTHER_AUDIO_EXTENSIONS:
+            names = ", ".join(f.extension for f in FORMATS.values())
+            raise UsageError(
+                f"-o {job.output}: {extension} is not a format written here; end the name in one of "
+                f"{names}, or give --format"
+            )
         fmt = named or FORMATS["wav"]
     else:
         fmt = get_format(job.audio_format)

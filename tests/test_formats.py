@@ -238,6 +238,7 @@ def test_flac_to_stdout(tiny_checkpoint: str, make_child_env: EnvFactory) -> Non
         (("-o", "a.wav", "--format", "mp3"), "-o a.wav names a wav file but --format is mp3; use -o a.mp3"),
         (("-o", "a.mp3", "--subtype", "FLOAT"), "--subtype FLOAT applies to WAV only"),
         (("-o", "a.ogg", "--format", "vorbis"), "Invalid value"),
+        (("-o", "a.m4a"), "-o a.m4a: .m4a is not a format written here; end the name in one of .wav, .mp3"),
     ],
 )
 def test_format_mistakes_are_usage_errors(
