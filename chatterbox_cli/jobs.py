@@ -192,11 +192,13 @@ def _check_options(job: SynthesizeJob) -> None:
         if voice_library.is_name(job.voice):
             voice_library.find(job.voice)  # a library voice, or an error naming the library's
         else:
-            what = (
-                "is a folder; give an audio clip or a .voice file"
-                if Path(job.voice).is_dir()
-                else "does not exist; check the path given"
-            )
+            path = Path(job.voice)
+            if path.is_dir():
+                what = "is a folder; give an audio clip or a .voice file"
+            elif path.exists():
+                what = "is not a regular file (a device or a pipe); give an audio clip or a .voice file"
+            else:
+                what = "does not exist; check the path given"
             raise UsageError(f"{job.voice} {what} to --voice")
     output_format(job)
 

@@ -332,9 +332,13 @@ def test_a_plan_on_the_cpu_needs_a_preset(synth: Callable[..., tuple[int, str, s
         assert code == 0 and ("flow" in json.loads(out)["quant_cache"]) is flow_quantized
 
 
-def test_a_folder_given_as_the_voice(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
+def test_a_folder_or_a_device_given_as_the_voice(
+    synth: Callable[..., tuple[int, str, str]], tmp_path: Path
+) -> None:
     code, _, stderr = synth("Hello.", "--voice", str(tmp_path), "-o", str(tmp_path / "x.wav"))
     assert code == 2 and f"{tmp_path} is a folder; give an audio clip or a .voice file to --voice" in stderr
+    code, _, stderr = synth("Hello.", "--voice", os.devnull, "-o", str(tmp_path / "x.wav"))
+    assert code == 2 and f"{os.devnull} is not a regular file (a device or a pipe)" in stderr
 
 
 def test_output_folder_that_cannot_exist(synth: Callable[..., tuple[int, str, str]], tmp_path: Path) -> None:
