@@ -17,6 +17,7 @@ Activation constants are marked with their calibration status; see benchmarks/me
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -333,8 +334,14 @@ def estimate_plan(
     prepare_voice: bool = False,
 ) -> PresetEstimate:
     """The estimate for one plan, from already-read headers ({file role: header}, see read_headers)."""
-    if max_tokens < 1 or batch < 1 or text_tokens < 0 or cfg_weight < 0:
-        raise UsageError("max_tokens and batch must be >= 1, text_tokens and cfg_weight >= 0")
+    for name, value, least in (
+        ("max_tokens", max_tokens, 1),
+        ("batch", batch, 1),
+        ("text_tokens", text_tokens, 0),
+        ("cfg_weight", cfg_weight, 0),
+    ):
+        if not least <= value < math.inf:
+            raise UsageError(f"{name} must be a finite number >= {least}, got {value}")
     parts: dict[Component, ComponentEstimate] = {}
     loaded = {**headers, "t3": t3_as_loaded(headers["t3"])}  # as the model holds the T3 tensors
     for comp, (role, prefix) in COMPONENT_SOURCES.items():

@@ -110,6 +110,8 @@ def test_plain_table(estimate_cli: Callable[..., tuple[int, str, str]]) -> None:
         (("--preset", "fp8"), 2, "unknown preset"),
         (("--plan", "t3=nf5"), 2, "unknown mode"),
         (("--device", "tpu"), 2, "not a device"),
+        (("--batch", "0"), 2, "batch must be a finite number >= 1, got 0"),
+        (("--cfg-weight", "inf"), 2, "cfg_weight must be a finite number >= 0, got inf"),
     ],
 )
 def test_bad_options(
