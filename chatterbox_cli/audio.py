@@ -361,6 +361,16 @@ def _dbfs(value: float) -> str:
     return "-inf dBFS" if value <= 0 else f"{20 * math.log10(value):.0f} dBFS"
 
 
+def not_a_file(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be read as a file ("does not exist", "is a folder", "is not a regular file (a device
+    or a pipe)"), or None when it is a regular file."""
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(path):
+        return "is a folder"
+    return "is not a regular file (a device or a pipe)" if os.path.exists(path) else "does not exist"
+
+
 def read_voice_clip(
     path: str | os.PathLike[str],
     *,
@@ -375,10 +385,8 @@ def read_voice_clip(
     says so. Problems raise UsageError naming the file and the fix.
     """
     name = os.fspath(path)
-    if not os.path.exists(name):
-        raise UsageError(f"{name} does not exist; check the path given to --voice")
-    if os.path.isdir(name):
-        raise UsageError(f"{name} is a folder; give an audio file to --voice")
+    if (problem := not_a_file(name)) is not None:
+        raise UsageError(f"{name} {problem}; give an audio file to --voice")
     try:
         data, sample_rate = sf.read(name, dtype="float32", always_2d=True)
     except (sf.SoundFileError, RuntimeError, ValueError, OSError) as exc:

@@ -28,7 +28,7 @@ import numpy as np
 from rich.markup import escape
 
 from chatterbox_cli import __version__, voice_library
-from chatterbox_cli.audio import Subtype, join_pause
+from chatterbox_cli.audio import Subtype, join_pause, not_a_file
 from chatterbox_cli.batch import BatchItem, Manifest, make_items, partial_path, pending, settings_hash
 from chatterbox_cli.errors import ChatterboxError, ExitCode, UsageError
 from chatterbox_cli.formats import (
@@ -192,14 +192,8 @@ def _check_options(job: SynthesizeJob) -> None:
         if voice_library.is_name(job.voice):
             voice_library.find(job.voice)  # a library voice, or an error naming the library's
         else:
-            path = Path(job.voice)
-            if path.is_dir():
-                what = "is a folder; give an audio clip or a .voice file"
-            elif path.exists():
-                what = "is not a regular file (a device or a pipe); give an audio clip or a .voice file"
-            else:
-                what = "does not exist; check the path given"
-            raise UsageError(f"{job.voice} {what} to --voice")
+            problem = not_a_file(job.voice)
+            raise UsageError(f"{job.voice} {problem}; give an audio clip or a .voice file to --voice")
     output_format(job)
 
 

@@ -28,7 +28,7 @@ os.environ.setdefault("TORCH_CUBLASLT_WORKSPACE_SIZE", "4096")  # KiB
 import torch  # noqa: E402
 
 from chatterbox_cli import estimate, oom, presets, vram  # noqa: E402
-from chatterbox_cli.audio import fade_edges  # noqa: E402
+from chatterbox_cli.audio import fade_edges, not_a_file  # noqa: E402
 from chatterbox_cli.checkpoint import (  # noqa: E402
     DEFAULT_REPO,
     Checkpoint,
@@ -480,8 +480,8 @@ def add_library_voice(
     path = voice_library.path_of(name)
     if path.exists() and not force:
         raise UsageError(f"the voice library already has {name!r} ({path}); pass --force to replace it")
-    if not Path(clip).is_file():
-        raise UsageError(f"{clip} does not exist; give the path of an audio clip of the voice")
+    if (problem := not_a_file(clip)) is not None:
+        raise UsageError(f"{clip} {problem}; give the path of an audio clip of the voice")
     holder = ModelHolder(request, notify)
     conds = holder.voice(clip, 0.5)  # the run's exaggeration replaces it when the voice is used
     model = holder.model
@@ -510,8 +510,8 @@ def _voice_from_clip(
     from chatterbox_cli.models.voice_encoder import load_voice_encoder
     from chatterbox_cli.voice import file_sha256, voice_cache_path, voice_from_clip
 
-    if not clip.is_file():
-        raise UsageError(f"{clip} does not exist; check the path given to --voice")
+    if (problem := not_a_file(clip)) is not None:
+        raise UsageError(f"{clip} {problem}; give an audio file to --voice")
     key = _model_key(model.checkpoint)
     cached = voice_cache_path(file_sha256(clip), key)
     if cached.is_file():

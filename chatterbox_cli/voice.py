@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from chatterbox_cli import __version__
-from chatterbox_cli.audio import normalize_loudness, read_voice_clip, resample
+from chatterbox_cli.audio import normalize_loudness, not_a_file, read_voice_clip, resample
 from chatterbox_cli.checkpoint import hub_cache_dir
 from chatterbox_cli.errors import ChatterboxError, UsageError
 from chatterbox_cli.models.conds import CondDims, Conditionals, T3Cond, load_voice, save_voice
@@ -148,8 +148,8 @@ def voice_from_clip(
     A cached file that cannot be read is prepared again and overwritten (and a note says so).
     """
     clip_path = Path(clip_path)
-    if not clip_path.is_file():
-        raise UsageError(f"{clip_path} does not exist; check the path given to --voice")
+    if (problem := not_a_file(clip_path)) is not None:
+        raise UsageError(f"{clip_path} {problem}; give an audio file to --voice")
     clip_hash = file_sha256(clip_path)
     cache = voice_cache_path(clip_hash, model_key) if use_cache else None
     notes: list[str] = []

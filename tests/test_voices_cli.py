@@ -75,9 +75,11 @@ def test_names_cannot_leave_the_library(cli: Cli, name: str, clip: Path, tmp_pat
     assert not (tmp_path / "escape.voice").exists() and not (tmp_path / "library").exists()
 
 
-def test_a_missing_clip_is_refused_before_any_model_loads(cli: Cli, tmp_path: Path) -> None:
+def test_a_missing_clip_or_a_folder_is_refused_before_any_model_loads(cli: Cli, tmp_path: Path) -> None:
     code, out = cli("voices", "add", "me", str(tmp_path / "none.wav"), "--model", "/nowhere")
     assert code == ExitCode.USAGE and "none.wav does not exist" in str(out["error"])
+    code, out = cli("voices", "add", "me", str(tmp_path), "--model", "/nowhere")
+    assert code == ExitCode.USAGE and f"{tmp_path} is a folder; give the path" in str(out["error"])
 
 
 def test_unknown_voices_say_what_the_library_has(cli: Cli, tiny_checkpoint: str, tmp_path: Path) -> None:
