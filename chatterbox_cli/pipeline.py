@@ -188,6 +188,7 @@ class AudioChunk:
     s3gen_s: float
     # False for an early piece of a chunk (see synthesize's early_tokens): more of the same chunk follows
     final: bool = True
+    text_tokens: int = 0  # text tokens T3 read for the chunk (its start/stop tokens too); 0 in early pieces
 
     @property
     def seconds(self) -> float:
@@ -478,6 +479,15 @@ def speak_group(
         yield (
             j,
             AudioChunk(
-                row.index, texts[j], audio, SAMPLE_RATE, counts[j], prepared[j][1], seeds[j], t3_s, s3gen_s
+                row.index,
+                texts[j],
+                audio,
+                SAMPLE_RATE,
+                counts[j],
+                prepared[j][1],
+                seeds[j],
+                t3_s,
+                s3gen_s,
+                text_tokens=prepared[j][0].numel(),
             ),
         )

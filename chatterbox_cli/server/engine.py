@@ -79,6 +79,7 @@ class Speech:
     deliver: Delivery
     next: int = 0  # the next chunk to finish
     in_chunk: bool = False  # an early piece of chunk `next` went out
+    text_tokens: int = 0  # the text tokens T3 read for its chunks so far
     speech_tokens: int = 0  # the speech tokens of its chunks made so far
     cancelled: bool = False  # the client went away or its time ran out: its chunks are dropped
     queued_at: float = field(default_factory=time.perf_counter)
@@ -235,6 +236,7 @@ class Engine:
             first_audio = first_audio or time.perf_counter() - started
             if chunk.final:
                 speech.next += 1
+                speech.text_tokens += chunk.text_tokens
                 speech.speech_tokens += chunk.speech_tokens
                 t3_s, render_s = t3_s + chunk.t3_s, render_s + chunk.s3gen_s
             else:
